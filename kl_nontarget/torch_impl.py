@@ -1,0 +1,127 @@
+"""The PyTorch backend: the row kernel's math in plain tensor ops, for machines without a GPU.
+
+Same contract as the Triton launcher in `kl_nontarget.loss`: per-row cross-entropy and non-target KL (float32, or
+float64 for float64 inputs) and, when asked, the gradient of `ce + kl_weight * T^2 * kl` times `grad_scale`, in
+the logits' dtype. Rows are processed in chunks so the temporaries stay a few chunk x V tensors; the only N x V
+allocation is the gradient itself. Ignored rows are skipped entirely (their gradient rows stay 0).
+"""
+
+import math
+
+import torch
+
+# Budget for one chunk's temporaries (about six chunk x V tensors in the compute dtype live at once).
+_CHUNK_BYTES = 16 * 2**20
+
+
+def _safe(m: torch.Tensor) -> torch.Tensor:
+    """A row max that is -inf (nothing but masked entries) becomes 0, so `x - max` never gives NaN."""
+    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
+
+
+def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtype):
+    """Loss statistics (and gradient) for a chunk of valid rows. Returns (ce, kl, grad or None)."""
+    inv_t = 1.0 / temperature
+    scaled = temperature != 1.0
+    idx = y[:, None]
+    z = z_in.to(cdtype, copy=True)
+    b = b_in.to(cdtype, copy=True)
+    z_y = z.gather(1, idx).squeeze(1)
+    # Mask the gold entry in both rows: everything below is over the non-target entries only.
+    z.scatter_(1, idx, float("-inf"))
+    b.scatter_(1, idx, float("-inf"))
+    m_z = z.amax(1)
+    m_b = b.amax(1)
+    z.sub_(_safe(m_z)[:, None])  # z - max: exact for near-max entries, so +-1e4 logits lose nothing
+    b.sub_(_safe(m_b)[:, None])
+    e_z1 = torch.exp(z)
+    s_z1 = e_z1.sum(1)
+    if scaled:
+        z.mul_(inv_t)
+        b.mul_(inv_t)
+        e_zt = torch.exp(z)
+        s_zt = e_zt.sum(1)
+    else:
+        e_zt, s_zt = e_z1, s_z1
+    e_bt = torch.exp(b)
+    s_bt = e_bt.sum(1)
+    log_s_zt = torch.log(s_zt)
+    log_s_bt = torch.log(s_bt)
+    has_q = s_zt > 0
+    has_p = s_bt > 0
+
+    # Cross-entropy = softplus(L(z) - z_y), L the non-target logsumexp at T = 1.
+    lz1 = m_z + torch.log(s_z1)
+    ce = torch.nn.functional.softplus(lz1 - z_y)
+    ce = torch.where(lz1 == float("-inf"), torch.zeros_like(ce), ce)
+
+    # Non-target KL at temperature T. `z` and `b` now hold (x - max) / T.
+    if reverse:
+        diff = z - b                                  # (log q - log p) up to the row constants
+        weights, s_w = e_zt, s_zt
+        const = log_s_bt - log_s_zt
+        missing, present = has_p, has_q
+    else:
+        diff = b - z
+        weights, s_w = e_bt, s_bt
+        const = log_s_zt - log_s_bt
+        missing, present = has_q, has_p
+    # 0 * (-inf) from masked entries must count 0, not NaN.
+    terms = torch.where(weights > 0, weights * diff, torch.zeros_like(diff))
+    kl = terms.sum(1) / s_w + const
+    kl = torch.where(missing, kl, torch.full_like(kl, math.inf))
+    kl = torch.where(present, kl, torch.zeros_like(kl)).clamp_min(0.0)
+    del terms
+    if not compute_grad:
+        return ce, kl, None
+
+    c = kl_weight * temperature
+    inv_s_zt = torch.where(has_q, 1.0 / s_zt, torch.zeros_like(s_zt))[:, None]
+    inv_s_bt = torch.where(has_p, 1.0 / s_bt, torch.zeros_like(s_bt))[:, None]
+    q = e_zt * inv_s_zt  # a new tensor: e_zt may be e_z1, which becomes the gradient below
+    if reverse:
+        # d KL(q||p) / dz_T = q (log q - log p - KL)
+        log_ratio = diff.add_((log_s_bt - log_s_zt - kl)[:, None])
+        dkl = torch.where(q > 0, q * log_ratio, torch.zeros_like(q))
+        dkl = torch.where(has_p[:, None], dkl, torch.zeros_like(dkl))
+    else:
+        dkl = q.sub_(e_bt.mul_(inv_s_bt))
+    del q, e_bt, diff
+    # softmax over all entries, anchored at max(m_z, z_y) so a dominant gold logit cannot overflow.
+    big = torch.maximum(m_z, z_y)
+    s_off = s_z1 * torch.exp(m_z - big)
+    s_all = s_off + torch.exp(z_y - big)
+    factor = torch.where(m_z > float("-inf"), torch.exp(_safe(m_z) - big) / s_all, torch.zeros_like(s_all))
+    grad = e_z1.mul_(factor[:, None])  # softmax(z) off the gold entry
+    grad.add_(dkl, alpha=c)
+    # Gold entry: softmax(z)_y - 1 = -(mass off the gold entry), without cancellation; KL part 0.
+    grad.scatter_(1, idx, (-(s_off / s_all))[:, None])
+    return ce, kl, grad
+
+
+def nontarget_ce_rows(logits, ref_logits, labels, *, kl_weight, temperature, ignore_index, reverse,
+                      grad_scale, compute_grad, chunk_rows=None):
+    """Per-row CE and non-target KL of 2-D `logits`/`ref_logits` (N, V), and the scaled gradient.
+
+    Returns `(ce, kl, grad)`: `ce`, `kl` of shape (N,) (0 at ignored rows), `grad` (N, V) in the logits' dtype
+    already multiplied by `grad_scale` (a 0-dim tensor), or None when `compute_grad` is False.
+    """
+    n, v = logits.shape
+    cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    ce = torch.zeros(n, dtype=cdtype, device=logits.device)
+    kl = torch.zeros(n, dtype=cdtype, device=logits.device)
+    grad = torch.zeros_like(logits) if compute_grad else None
+    rows = torch.nonzero(labels != ignore_index).squeeze(1)
+    if chunk_rows is None:
+        chunk_rows = max(1, _CHUNK_BYTES // (6 * v * (8 if cdtype == torch.float64 else 4)))
+    for start in range(0, rows.numel(), chunk_rows):
+        r = rows[start:start + chunk_rows]
+        c_ce, c_kl, c_grad = _rows(
+            logits.index_select(0, r), ref_logits.index_select(0, r), labels.index_select(0, r),
+            kl_weight=kl_weight, temperature=temperature, reverse=reverse, compute_grad=compute_grad,
+            cdtype=cdtype)
+        ce.index_copy_(0, r, c_ce)
+        kl.index_copy_(0, r, c_kl)
+        if compute_grad:
+            grad.index_copy_(0, r, c_grad.mul_(grad_scale.to(cdtype)).to(grad.dtype))
+    return ce, kl, grad
