@@ -40,6 +40,12 @@ def _check_inputs(logits, ref_logits, labels, *, kl_weight, temperature, reducti
     if ref_logits.device != logits.device or labels.device != logits.device:
         raise ValueError(f"logits, ref_logits and labels must be on one device, got {logits.device}, "
                          f"{ref_logits.device} and {labels.device}")
+    _check_options(kl_weight=kl_weight, temperature=temperature, reduction=reduction,
+                   kl_direction=kl_direction, backend=backend, num_items_in_batch=num_items_in_batch)
+
+
+def _check_options(*, kl_weight, temperature, reduction, kl_direction, backend, num_items_in_batch):
+    """Checks of the keyword options shared by `nontarget_kl_loss` and `nontarget_kl_linear_loss`."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if kl_direction not in DIRECTIONS:
@@ -90,6 +96,19 @@ def _rows_fn(backend):
         return triton_impl.nontarget_ce_rows
     from kl_nontarget import torch_impl
     return torch_impl.nontarget_ce_rows
+
+
+def _reduction_scale(labels1d, *, reduction, ignore_index, num_items_in_batch, dtype):
+    """0-dim factor applied to the summed loss: 1 / D for "mean" (D = num_items_in_batch or the number of valid
+    labels, at least 1), else 1."""
+    device = labels1d.device
+    if reduction == "mean":
+        if num_items_in_batch is None:
+            denom = (labels1d != ignore_index).sum()
+        else:
+            denom = torch.as_tensor(num_items_in_batch, device=device).reshape(())
+        return 1.0 / denom.to(device=device, dtype=dtype).clamp_min(1)
+    return torch.ones((), dtype=dtype, device=device)
 
 
 class _NonTargetCEFunction(torch.autograd.Function):
@@ -161,14 +180,8 @@ def nontarget_kl_loss(logits, ref_logits, labels, *, kl_weight=1.0, temperature=
     y = labels.reshape(-1).to(torch.int64)
 
     stat_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if reduction == "mean":
-        if num_items_in_batch is None:
-            denom = (y != ignore_index).sum()
-        else:
-            denom = torch.as_tensor(num_items_in_batch, device=logits.device).reshape(())
-        scale = 1.0 / denom.to(device=logits.device, dtype=stat_dtype).clamp_min(1)
-    else:
-        scale = torch.ones((), dtype=stat_dtype, device=logits.device)
+    scale = _reduction_scale(y, reduction=reduction, ignore_index=ignore_index,
+                             num_items_in_batch=num_items_in_batch, dtype=stat_dtype)
     kl_factor = kl_weight * temperature ** 2
 
     def reduce(ce, kl):
