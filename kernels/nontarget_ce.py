@@ -144,11 +144,13 @@ def nontarget_ce_kernel(
             # logsumexp over all entries, anchored at M = max(m_z, z_y) so a dominant gold logit cannot overflow.
             big = tl.maximum(m_z, z_y)
             s_all = s_z1 * tl.exp(m_z - big) + tl.exp(z_y - big)
-            lse_all = big + tl.log(s_all)
+            ms_z = _safe(m_z)
+            # softmax(z)_j = exp(dz_j + log_soft), dz_j = z_j - m_z. Never form z_j - logsumexp(z) directly:
+            # at |z| ~ 1e4 the float32 logsumexp alone carries an error of ~1e-3.
+            log_soft = (ms_z - big) - tl.log(s_all)
             # softmax(z)_y - 1 = -(mass off the gold entry), computed without cancellation.
             g_gold = -(s_z1 * tl.exp(m_z - big) / s_all)
             c = kl_weight * temp  # d(T^2 KL_T)/dz = T * dKL_T/dz_T
-            ms_z = _safe(m_z)
             ms_b = _safe(m_b)
             inv_s_zt = tl.where(has_q, 1.0 / s_zt, 0.0)
             inv_s_bt = tl.where(has_p, 1.0 / s_bt, 0.0)
@@ -159,7 +161,7 @@ def nontarget_ce_kernel(
                 z = tl.load(z_row + offs, mask=keep, other=NEG_INF).to(tl.float32)
                 b = tl.load(b_row + offs, mask=keep, other=NEG_INF).to(tl.float32)
                 dz = z - ms_z
-                g = tl.exp(z - lse_all)                          # softmax(z), 0 at the gold entry
+                g = tl.exp(dz + log_soft)                        # softmax(z), 0 at the gold entry
                 if SCALED:
                     q = tl.exp(dz * inv_temp) * inv_s_zt
                 else:

@@ -126,15 +126,24 @@ class _NonTargetCEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("nontarget_kl_loss supports a single backward pass: its gradient buffer is scaled "
-                               "in place and freed (do not call backward twice with retain_graph=True)")
-        ctx.grad = None
+        keep = _graph_is_kept()
+        if not keep:
+            ctx.grad = None  # let the N x V buffer go as soon as the next node has consumed it
         if ctx.per_row:
-            grad.mul_(grad_loss.reshape(-1, 1))
-        elif not bool(grad_loss == 1):  # the common case, loss.backward(), needs no extra pass over N x V
-            grad.mul_(grad_loss)
-        return grad, None, None, None, None, None, None
+            factor = grad_loss.reshape(-1, 1)
+        elif not bool(grad_loss == 1):
+            factor = grad_loss
+        else:  # the common case, loss.backward(): no extra pass over N x V
+            return grad, None, None, None, None, None, None
+        # Scale in place (computed in float32, one rounding) unless the graph is kept for another backward.
+        out = grad if not keep else torch.empty_like(grad).copy_(grad)
+        return out.mul_(factor), None, None, None, None, None, None
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True); True when torch cannot tell."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if probe is None else bool(probe())
 
 
 def nontarget_kl_loss(logits, ref_logits, labels, *, kl_weight=1.0, temperature=1.0, ignore_index=-100,

@@ -22,8 +22,12 @@ def nontarget_reference(logits, ref_logits, labels, *, kl_weight=1.0, temperatur
     neg_inf = torch.tensor(float("-inf"), dtype=torch.float64)
     zt = torch.where(gold, neg_inf, z / temperature)
     bt = torch.where(gold, neg_inf, b / temperature)
-    log_q = torch.log_softmax(zt, -1)
-    log_p = torch.log_softmax(bt, -1)
+    # A row with no finite non-target entry has no distribution; give log_softmax finite stand-ins there (the
+    # KL of such rows is set to 0 below) so that no NaN reaches the gradient.
+    dead_z = torch.isneginf(zt).all(-1, keepdim=True)
+    dead_b = torch.isneginf(bt).all(-1, keepdim=True)
+    log_q = torch.log_softmax(torch.where(dead_z, torch.zeros_like(zt), zt), -1)
+    log_p = torch.log_softmax(torch.where(dead_b, torch.zeros_like(bt), bt), -1)
     if kl_direction == "forward":
         w, a, c = log_p.exp(), log_p, log_q
     else:
@@ -33,8 +37,9 @@ def nontarget_reference(logits, ref_logits, labels, *, kl_weight=1.0, temperatur
     zeros = torch.zeros_like(w)
     terms = w * (torch.where(live, a, zeros) - torch.where(live, c, zeros))
     kl = terms.sum(-1)
-    # Rows with no non-target mass at all (every other entry -inf) have KL 0 by definition.
-    kl = torch.where(torch.isnan(kl), torch.zeros_like(kl), kl)
+    # Rows whose weighting distribution has no non-target mass (every other entry -inf) have KL 0 by definition.
+    dead = (dead_b if kl_direction == "forward" else dead_z).squeeze(-1)
+    kl = torch.where(dead, torch.zeros_like(kl), kl)
     zero = torch.zeros_like(ce)
     ce = torch.where(valid, ce, zero)
     kl = torch.where(valid, kl, zero)
