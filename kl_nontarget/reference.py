@@ -1,0 +1,432 @@
+"""The base (reference) distribution for the non-target KL, and the logits of one batch.
+
+Two sources of base logits (design.md §3):
+
+- a PEFT model with its adapters disabled (`peft_model.disable_adapter()`), on the same forward inputs, under
+  `torch.no_grad()`, restoring every `requires_grad` flag and every module's train/eval mode afterwards;
+- an explicit frozen `ref_model` (full fine-tuning, or adapter inits that rewrite the base weights).
+
+`compute_batch_logits` is the one place that turns a batch into (adapted logits, base logits, shifted labels) on the
+supervised positions; the Trainer subclass, the SFT subclass and the `compute_loss_func` hook all go through it.
+`base_forward` is the "get base outputs" step on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+# Batch keys that are targets or loss arguments, never forward inputs of the base pass.
+_LOSS_KEYS = ("labels", "shift_labels", "num_items_in_batch", "return_loss", "logits_to_keep")
+
+# LoRA initialisations that rewrite the base weights: disabling the adapter then does not give the original model.
+_BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model introspection
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DataParallel / DistributedDataParallel / torch.compile wrappers (not PEFT)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:  # pragma: no cover - peft is a dependency, but keep the reference usable without it
+        return None
+    return peft
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    peft = _peft()
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def _tuner_layer_types():
+    peft = _peft()
+    if peft is None:
+        return ()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    types = [BaseTunerLayer]
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper  # modules_to_save, trainable tokens (peft >= 0.15)
+
+        types.append(AuxiliaryTrainingWrapper)
+    except ImportError:  # pragma: no cover - older peft
+        from peft.utils.other import ModulesToSaveWrapper
+
+        types.append(ModulesToSaveWrapper)
+    return tuple(types)
+
+
+def tuner_layers(model: nn.Module) -> list[nn.Module]:
+    """Every PEFT adapter layer (and auxiliary wrapper such as modules_to_save) inside `model`."""
+    types = _tuner_layer_types()
+    if not types:
+        return []
+    return [m for m in model.modules() if isinstance(m, types)]
+
+
+def has_adapters(model: nn.Module) -> bool:
+    model = unwrap_model(model)
+    return is_peft_model(model) or bool(tuner_layers(model))
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The innermost transformers model: below DDP, PEFT's PeftModel and its tuner."""
+    model = unwrap_model(model)
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return model
+
+
+def _adapter_parameter_ids(model: nn.Module) -> set[int]:
+    ids = set()
+    for layer in tuner_layers(model):
+        for name in getattr(layer, "adapter_layer_names", ()):
+            container = getattr(layer, name, None)
+            if isinstance(container, nn.Module):
+                ids.update(id(p) for p in container.parameters())
+        for name in getattr(layer, "other_param_names", ()):
+            container = getattr(layer, name, None)
+            if isinstance(container, nn.Module):
+                ids.update(id(p) for p in container.parameters())
+    return ids
+
+
+def check_merged(model: nn.Module) -> None:
+    """Raise a ValueError when any adapter layer of `model` is merged into its base weights."""
+    merged = [m for m in tuner_layers(unwrap_model(model)) if getattr(m, "merged", False)]
+    if merged:
+        raise ValueError(
+            "The model has adapters merged into its base weights (merge_adapter()/merge_and_unload()): disabling "
+            "a merged adapter does not give the base model, so the non-target KL would train against the wrong "
+            "reference. Unmerge the adapters (model.unmerge_adapter()) before training, or pass ref_model=<frozen "
+            "base model>."
+        )
+
+
+def check_reference(model: nn.Module, ref_model: nn.Module | None = None) -> None:
+    """Validate the source of base logits for `model`; warn where disabling adapters is not the original base.
+
+    Raises ValueError when neither a PEFT model nor `ref_model` is available, for merged adapters, and for
+    prompt-learning PEFT methods (virtual tokens change the sequence the labels are aligned with).
+    """
+    model = unwrap_model(model)
+    if ref_model is not None:
+        if not isinstance(ref_model, nn.Module):
+            raise TypeError(f"ref_model must be a torch.nn.Module (a frozen copy of the base model), got "
+                            f"{type(ref_model).__name__}")
+        if unwrap_model(ref_model) is model:
+            raise ValueError("ref_model is the model being trained; pass a separate, frozen copy of the base model "
+                             "(or ref_model=None to use the PEFT model with its adapters disabled)")
+        if has_adapters(ref_model) and not is_peft_model(unwrap_model(ref_model)):
+            warnings.warn("ref_model contains PEFT adapter layers; it is used as is (adapters enabled).",
+                          stacklevel=3)
+        return
+    if not has_adapters(model):
+        raise ValueError(
+            f"The non-target KL needs base-model logits, but the model ({type(model).__name__}) has no PEFT "
+            "adapters to disable. Wrap it with peft.get_peft_model(...) (or pass peft_config= to SFTTrainer), or, "
+            "for full fine-tuning, pass ref_model=<a frozen copy of the base model>."
+        )
+    if is_peft_model(model):
+        config = model.active_peft_config
+        if getattr(config, "is_prompt_learning", False) or getattr(config, "is_adaption_prompt", False):
+            raise ValueError(
+                f"PEFT method {config.peft_type} (prompt learning / adaption prompt) is not supported: its virtual "
+                "tokens shift the sequence the labels are aligned with. Use a weight adapter (LoRA, DoRA, LoHa, "
+                "IA3, ...) or pass ref_model=."
+            )
+    check_merged(model)
+    _warn_not_base(model)
+
+
+def _warn_not_base(model: nn.Module) -> None:
+    reasons = []
+    if is_peft_model(model):
+        for name, config in model.peft_config.items():
+            bias = getattr(config, "bias", "none")
+            if bias not in (None, "none"):
+                reasons.append(f"adapter {name!r} trains biases (bias={bias!r}), which disabling it does not undo")
+            if getattr(config, "modules_to_save", None):
+                reasons.append(f"adapter {name!r} has modules_to_save={list(config.modules_to_save)}: the disabled "
+                               "model uses the original copies, so check they were not changed before wrapping")
+            init = getattr(config, "init_lora_weights", True)
+            if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+                reasons.append(f"adapter {name!r} uses init_lora_weights={init!r}, which rewrites the base weights")
+    adapter_ids = _adapter_parameter_ids(model)
+    unfrozen = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids]
+    if unfrozen and not any("bias=" in r for r in reasons):
+        shown = ", ".join(unfrozen[:3]) + (", ..." if len(unfrozen) > 3 else "")
+        reasons.append(f"{len(unfrozen)} base-model parameters are trainable ({shown}), so the model with adapters "
+                       "disabled drifts away from the base")
+    if reasons:
+        warnings.warn(
+            "With adapters disabled this model is not the original base model: " + "; ".join(reasons) + ". The "
+            "non-target KL would then pull towards a moving or wrong reference: pass ref_model=<a frozen copy of "
+            "the original base model> to use it instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def prepare_ref_model(ref_model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Freeze `ref_model`, put it in eval mode, and move it to `device` unless it is dispatched with a device map."""
+    ref_model.requires_grad_(False)
+    ref_model.eval()
+    if device is not None and getattr(ref_model, "hf_device_map", None) is None:
+        ref_model.to(device)
+    return ref_model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The base pass
+
+
+@contextlib.contextmanager
+def _saved_state(model: nn.Module):
+    """Restore every parameter's requires_grad flag and every module's training flag on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the enclosed code on `model` with every adapter disabled, in eval mode, restoring all state afterwards.
+
+    `model` is a PeftModel (its `disable_adapter()` context is used) or any module that contains PEFT adapter layers
+    (for example the inner model when TRL wraps it after a hook was attached); those layers are toggled directly.
+    Eval mode switches off dropout and gradient checkpointing (reentrant or not) for the base pass. Leaving PEFT's
+    context re-enables gradients on the active adapters, so all requires_grad flags are saved and restored.
+    """
+    model = unwrap_model(model)
+    check_merged(model)
+    with _saved_state(model), warnings.catch_warnings():
+        # check_reference() already warned once; PEFT repeats its bias warning on every disable.
+        warnings.filterwarnings("ignore", message=r"Careful, disabling adapter layers")
+        model.eval()
+        if is_peft_model(model):
+            with model.disable_adapter():
+                yield
+        else:
+            layers = [m for m in tuner_layers(model) if not m.disable_adapters]
+            if not layers and not tuner_layers(model):
+                raise ValueError(f"{type(model).__name__} has no PEFT adapters to disable; pass ref_model=")
+            for layer in layers:
+                layer.enable_adapters(False)
+            try:
+                yield
+            finally:
+                for layer in layers:
+                    layer.enable_adapters(True)
+
+
+def base_forward(model: nn.Module, forward_kwargs: dict, *, ref_model: nn.Module | None = None,
+                 forward_args: tuple = (), unwrapped: nn.Module | None = None) -> Any:
+    """Outputs of the base model on the given forward inputs, without gradient.
+
+    With `ref_model`, that model is called. Otherwise `model` (possibly wrapped, e.g. by DDP) is called with its
+    adapters disabled; the adapters are found on `unwrapped` (default: `model` without DDP wrappers).
+    """
+    with torch.no_grad():
+        if ref_model is not None:
+            return ref_model(*forward_args, **forward_kwargs)
+        with adapters_disabled(unwrapped if unwrapped is not None else model):
+            return model(*forward_args, **forward_kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Logits of one batch
+
+
+def shifted_labels(inputs: dict, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Labels aligned with the logits' positions: `labels[:, 1:]` padded with -100 (or `shift_labels` as given)."""
+    shift = inputs.get("shift_labels")
+    if shift is not None:
+        return shift
+    if labels is None:
+        labels = inputs.get("labels")
+    if labels is None:
+        raise ValueError("the batch has no 'labels' (or 'shift_labels'): the non-target KL loss needs token labels, "
+                         "with -100 at positions that are not supervised")
+    if not isinstance(labels, torch.Tensor) or labels.dtype in (torch.bool,) or labels.is_floating_point():
+        raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.dim() != 2:
+        raise ValueError(f"labels must have shape (batch, sequence), got {tuple(labels.shape)}")
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def forward_kwargs(inputs: dict) -> dict:
+    """The model inputs of a batch: everything except labels and loss arguments."""
+    return {k: v for k, v in inputs.items() if k not in _LOSS_KEYS}
+
+
+_MASK_SUPPORT: dict[type, bool] = {}
+
+
+def supports_logits_mask(model: nn.Module) -> bool:
+    """Whether `model(..., logits_to_keep=<bool (B, T) mask>)` returns (num_true, V) logits.
+
+    True when the model's forward takes `logits_to_keep` and its modeling module slices with transformers'
+    `slice_logits_to_keep` that accepts boolean masks (transformers >= 5.21). Older versions fall back to slicing the
+    full logits.
+    """
+    base = transformers_model(model)
+    cls = type(base)
+    if cls not in _MASK_SUPPORT:
+        _MASK_SUPPORT[cls] = _probe_logits_mask(cls)
+    return _MASK_SUPPORT[cls]
+
+
+def _probe_logits_mask(cls: type) -> bool:
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if "logits_to_keep" not in params:
+        return False
+    helper = getattr(sys.modules.get(cls.__module__), "slice_logits_to_keep", None)
+    if helper is None:
+        return False
+    try:
+        out = helper(torch.zeros(2, 3, 1), torch.tensor([[True, False, True], [False, False, True]]))
+    except Exception:  # noqa: BLE001 - any failure means "not supported"
+        return False
+    return tuple(out.shape) == (3, 1)
+
+
+def _accepts_kwarg(model: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(type(transformers_model(model)).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def select_logits(logits: torch.Tensor, mask: torch.Tensor, *, source: str = "model") -> torch.Tensor:
+    """The (N, V) rows of `logits` at the True positions of `mask` (B, T); logits already selected pass through."""
+    n = int(mask.sum())
+    if logits.dim() == 2 and logits.shape[0] == n:
+        return logits
+    if logits.dim() == 3 and logits.shape[:2] == mask.shape:
+        return logits[mask]
+    raise ValueError(f"{source} returned logits of shape {tuple(logits.shape)}, which match neither the batch "
+                     f"{tuple(mask.shape)} nor its {n} supervised positions")
+
+
+@dataclass
+class BatchLogits:
+    """Adapted and base logits on the supervised positions of a batch, and the gold labels there."""
+
+    logits: torch.Tensor  # (N, V), adapted model, carries the gradient
+    ref_logits: torch.Tensor  # (N, V), base model, no gradient; same dtype and device as `logits`
+    labels: torch.Tensor  # (N,), gold ids, all != -100
+    outputs: Any  # the adapted model's outputs
+
+
+def compute_batch_logits(model: nn.Module, inputs: dict, *, ref_model: nn.Module | None = None,
+                         unwrapped: nn.Module | None = None, adapted_outputs: Any = None,
+                         labels: torch.Tensor | None = None, forward_args: tuple = (),
+                         use_logits_mask: bool = True) -> BatchLogits:
+    """Run the adapted pass (unless `adapted_outputs` is given) and the base pass on one batch.
+
+    Args:
+        model: the model being trained, as the Trainer calls it (possibly wrapped by DDP).
+        inputs: the batch: forward inputs plus `labels` (unshifted, (B, T)) or `shift_labels`.
+        ref_model: explicit base model; default: `model` with its adapters disabled.
+        unwrapped: where to find the adapters (default: `model` without DDP wrappers).
+        adapted_outputs: outputs of an adapted forward already run on `inputs` (the `compute_loss_func` hook).
+        labels: unshifted labels, when they are not in `inputs`.
+        forward_args: positional forward arguments, if the forward was called with any.
+        use_logits_mask: ask the model for logits at the supervised positions only, when the installed transformers
+            supports a boolean `logits_to_keep`. Pass False when the caller needs the full logits in the outputs.
+
+    Returns:
+        A `BatchLogits` whose rows are the positions with a supervised next token (labels[:, 1:] != -100).
+    """
+    target = shifted_labels(inputs, labels)
+    mask = target != IGNORE_INDEX
+    kwargs = forward_kwargs(inputs)
+    ids = kwargs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.shape != target.shape:
+        raise ValueError(f"labels shape {tuple(target.shape)} does not match input_ids shape {tuple(ids.shape)}")
+    if "use_cache" not in kwargs and _accepts_kwarg(model, "use_cache"):
+        kwargs["use_cache"] = False
+
+    if adapted_outputs is None:
+        adapted_kwargs = dict(kwargs)
+        if use_logits_mask and supports_logits_mask(model):
+            adapted_kwargs["logits_to_keep"] = mask
+        adapted_outputs = model(*forward_args, **adapted_kwargs)
+    logits = select_logits(_logits_of(adapted_outputs), mask, source="the model")
+
+    base_kwargs = dict(kwargs)
+    base_model = ref_model if ref_model is not None else model
+    if supports_logits_mask(base_model):
+        base_kwargs["logits_to_keep"] = mask
+    if ref_model is not None:
+        base_kwargs = _to_device(base_kwargs, _device_of(ref_model))
+        base_mask = mask.to(_device_of(ref_model))
+        if "logits_to_keep" in base_kwargs:
+            base_kwargs["logits_to_keep"] = base_mask
+    else:
+        base_mask = mask
+    base_outputs = base_forward(model, base_kwargs, ref_model=ref_model, forward_args=forward_args,
+                                unwrapped=unwrapped)
+    ref_logits = select_logits(_logits_of(base_outputs), base_mask,
+                               source="ref_model" if ref_model is not None else "the base model")
+    if ref_logits.shape[-1] != logits.shape[-1]:
+        raise ValueError(f"the base model's vocabulary ({ref_logits.shape[-1]} logits) differs from the adapted "
+                         f"model's ({logits.shape[-1]}); ref_model must share the tokenizer and vocabulary")
+    ref_logits = ref_logits.to(device=logits.device, dtype=logits.dtype)
+    return BatchLogits(logits=logits, ref_logits=ref_logits, labels=target[mask], outputs=adapted_outputs)
+
+
+def _logits_of(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, dict) and "logits" in outputs:
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs:
+        logits = outputs[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"the model outputs ({type(outputs).__name__}) carry no logits tensor")
+    return logits
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to_device(kwargs: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}

@@ -1,0 +1,190 @@
+"""`NonTargetKLTrainer`: a transformers Trainer whose loss is cross-entropy plus the non-target KL to the base model.
+
+The logic lives in `NonTargetKLMixin`, shared with `kl_nontarget.trl.NonTargetKLSFTTrainer`:
+
+- `compute_loss` gets (adapted logits, base logits, shifted labels) on the supervised positions from
+  `reference.compute_batch_logits`, then calls `compute_regularized_loss`, the method a subclass overrides to change
+  the regularizer (it receives already shifted and selected rows);
+- the loss is normalised by the Trainer's `num_items_in_batch` (the shifted-label count over the accumulation window
+  and the ranks), so accumulation and data parallelism give the gradients of one big batch;
+- `ce_loss` and `nontarget_kl` are logged at every logging step (averaged over the window and the ranks, like
+  `loss`), and evaluation reports `eval_ce_loss` and `eval_nontarget_kl`.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from kl_nontarget.loss import nontarget_kl_loss
+from kl_nontarget.reference import IGNORE_INDEX, check_reference, compute_batch_logits, prepare_ref_model, \
+    shifted_labels
+
+KL_DIRECTIONS = ("forward", "reverse")
+
+
+def check_options(kl_weight, temperature, kl_direction) -> None:
+    """TypeError/ValueError for bad regularizer options (shared by the trainers and the hook)."""
+    for name, value in (("kl_weight", kl_weight), ("temperature", temperature)):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(kl_weight) and kl_weight >= 0):
+        raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if kl_direction not in KL_DIRECTIONS:
+        raise ValueError(f"kl_direction must be one of {KL_DIRECTIONS}, got {kl_direction!r}")
+
+
+class NonTargetKLMixin:
+    """Loss, logging and evaluation of the non-target KL for a `transformers.Trainer` subclass.
+
+    Call `_init_nontarget_kl(...)` at the end of `__init__`.
+    """
+
+    def _init_nontarget_kl(self, *, kl_weight, temperature, kl_direction, ref_model):
+        check_options(kl_weight, temperature, kl_direction)
+        self.kl_weight = float(kl_weight)
+        self.temperature = float(temperature)
+        self.kl_direction = kl_direction
+        if self.model is not None:
+            check_reference(self.model, ref_model)
+        self.ref_model = None if ref_model is None else prepare_ref_model(ref_model, self.args.device)
+        # The loss is normalised by `num_items_in_batch`: ask the Trainer to count the tokens of the accumulation
+        # window (and not to divide the loss by the accumulation steps again).
+        self.model_accepts_loss_kwargs = True
+        self._kl_sums = {"train": self._zero_sums(), "eval": self._zero_sums()}
+        self._kl_window_start = None
+
+    # -- the loss ------------------------------------------------------------------------------------------------
+
+    def compute_regularized_loss(self, logits, ref_logits, labels, num_items_in_batch):
+        """(loss, ce, kl) on already shifted and selected rows; override to change the regularizer.
+
+        Args:
+            logits: (N, V) adapted logits at the supervised positions (with gradient).
+            ref_logits: (N, V) base logits there (no gradient), same dtype and device.
+            labels: (N,) gold ids.
+            num_items_in_batch: the denominator D (token count over the accumulation window and ranks), or None to
+                divide by N.
+
+        Returns:
+            `loss = (sum CE + kl_weight * T^2 * sum KL) / D`, and the detached `ce = sum CE / D` and
+            `kl = sum KL / D` (the KL before kl_weight and T^2).
+        """
+        return nontarget_kl_loss(logits, ref_logits, labels, kl_weight=self.kl_weight, temperature=self.temperature,
+                                 kl_direction=self.kl_direction, num_items_in_batch=num_items_in_batch,
+                                 return_components=True)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        if "labels" not in inputs and "shift_labels" not in inputs:
+            raise ValueError(f"{type(self).__name__} needs 'labels' in every batch (use a collator that builds "
+                             "them, with -100 on unsupervised positions); got keys " + ", ".join(inputs))
+        batch = compute_batch_logits(model, inputs, ref_model=self.ref_model,
+                                     unwrapped=self.accelerator.unwrap_model(model),
+                                     use_logits_mask=not return_outputs)
+        loss, ce, kl = self.compute_regularized_loss(batch.logits, batch.ref_logits, batch.labels,
+                                                     num_items_in_batch)
+        scale = 1.0
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As Trainer.compute_loss: the count covers every rank and DDP averages the gradients (design.md §1).
+            tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            scale = self.accelerator.num_processes // tp_size if self.args.n_gpu <= 1 else self.args.n_gpu
+            loss = loss * scale
+        self._record_components(ce, kl, scale, num_items_in_batch, inputs, model)
+        self._after_loss(batch, inputs, model)
+        return (loss, batch.outputs) if return_outputs else loss
+
+    def _after_loss(self, batch, inputs, model):
+        """Hook for subclasses (the SFT subclass computes TRL's metrics here)."""
+
+    # -- counting tokens -----------------------------------------------------------------------------------------
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        # Count the *shifted* supervised labels whatever the transformers version counts: a tensor with a -100
+        # first column counts the same whether the Trainer counts labels or labels[..., 1:].
+        counted = []
+        for batch in batch_samples:
+            if not isinstance(batch, dict) or ("labels" not in batch and "shift_labels" not in batch):
+                return super()._get_num_items_in_batch(batch_samples, device)
+            target = shifted_labels(batch)
+            counted.append({"labels": F.pad(target, (1, 0), value=IGNORE_INDEX)})
+        return super()._get_num_items_in_batch(counted, device)
+
+    # -- logging -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _zero_sums():
+        return {"ce": 0.0, "kl": 0.0, "weight": 0.0}
+
+    def _record_components(self, ce, kl, scale, num_items_in_batch, inputs, model):
+        mode = "train" if model.training else "eval"
+        sums = self._kl_sums[mode]
+        if mode == "train":
+            if self._kl_window_start is None:
+                self._kl_window_start = self.state.global_step
+            # Scaled like the loss the Trainer logs: summed over the micro-batches of a step, it is that step's mean.
+            if num_items_in_batch is None:
+                scale = scale / self.current_gradient_accumulation_steps
+            weight = scale
+        else:
+            # Evaluation averages per-batch values weighted by batch size, like `eval_loss`.
+            labels = inputs.get("labels", inputs.get("shift_labels"))
+            weight = float(labels.shape[0])
+        sums["ce"] = sums["ce"] + ce.detach().float() * weight
+        sums["kl"] = sums["kl"] + kl.detach().float() * weight
+        sums["weight"] += weight
+
+    def _gathered(self, value):
+        value = torch.as_tensor(value, dtype=torch.float32, device=self.args.device).reshape(1)
+        if self.accelerator.num_processes > 1:
+            value = self.accelerator.gather(value)
+        return value
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self._kl_window_start is not None:
+            steps = self.state.global_step - self._kl_window_start
+            if steps > 0:
+                sums = self._kl_sums["train"]
+                logs["ce_loss"] = round(self._gathered(sums["ce"]).mean().item() / steps, 6)
+                logs["nontarget_kl"] = round(self._gathered(sums["kl"]).mean().item() / steps, 6)
+                self._kl_sums["train"] = self._zero_sums()
+                self._kl_window_start = None
+        return super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._kl_sums["eval"] = self._zero_sums()
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        sums = self._kl_sums["eval"]
+        total = self._gathered(sums["weight"]).sum().item()
+        if total > 0:
+            output.metrics[f"{prefix}_ce_loss"] = self._gathered(sums["ce"]).sum().item() / total
+            output.metrics[f"{prefix}_nontarget_kl"] = self._gathered(sums["kl"]).sum().item() / total
+        self._kl_sums["eval"] = self._zero_sums()
+        return output
+
+
+class NonTargetKLTrainer(NonTargetKLMixin, Trainer):
+    """`transformers.Trainer` with loss = CE + kl_weight * T^2 * KL(base_nontarget || adapted_nontarget).
+
+    The base distribution comes from the PEFT model with its adapters disabled, or from `ref_model` (full
+    fine-tuning, or adapter inits such as PiSSA/OLoRA/LoftQ that rewrite the base weights).
+
+    Args:
+        *args, **kwargs: the usual `transformers.Trainer` arguments. The batches need `labels` (unshifted, -100 on
+            unsupervised positions).
+        kl_weight: weight of the non-target KL (>= 0; 0 gives plain cross-entropy).
+        temperature: temperature of both non-target distributions (the KL is scaled by T^2).
+        kl_direction: "forward" for KL(base || adapted) (default), "reverse" for KL(adapted || base).
+        ref_model: a frozen base model; required when `model` is not a PEFT model.
+    """
+
+    def __init__(self, *args, kl_weight=1.0, temperature=1.0, kl_direction="forward", ref_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_nontarget_kl(kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
+                                ref_model=ref_model)

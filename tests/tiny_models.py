@@ -1,0 +1,131 @@
+"""Tiny causal LMs and a local tokenizer for tests: built from configs, saved and reloaded, no downloads.
+
+- `tiny_llama(path)`: a 2-layer Llama (hidden 32, vocabulary `VOCAB_SIZE`).
+- `tiny_softcapped(path)`: a 2-layer Gemma2 with `final_logit_softcapping`, the second architecture whose logits the
+  model's own forward transforms (soft-capping).
+- `tiny_tokenizer(path=None)`: a word-level `PreTrainedTokenizerFast` over `WORDS` plus special tokens, whose size
+  is at most `VOCAB_SIZE`, with a minimal chat template.
+- `toy_texts(n)`, `toy_prompt_completions(n)`: deterministic toy data in that vocabulary.
+
+Every builder seeds torch itself, so two calls with the same arguments give the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+VOCAB_SIZE = 128
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+WORDS = [f"w{i}" for i in range(VOCAB_SIZE - len(SPECIAL_TOKENS) - 4)] + ["user:", "assistant:", "?", "."]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def _save_and_load(model, path):
+    """Round-trip through save_pretrained/from_pretrained, as a user's checkpoint would."""
+    from transformers import AutoModelForCausalLM
+
+    if path is None:
+        return model
+    path = os.fspath(path)
+    model.save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def tiny_llama(path=None, *, seed=0, vocab_size=VOCAB_SIZE, hidden_size=32, num_layers=2, **config_kwargs):
+    """A tiny LlamaForCausalLM in float32; saved to and loaded from `path` when given."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False, **config_kwargs)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    _scale_lm_head(model)
+    return _save_and_load(model, path)
+
+
+def tiny_softcapped(path=None, *, seed=0, vocab_size=VOCAB_SIZE, hidden_size=32, num_layers=2, softcap=2.0,
+                    **config_kwargs):
+    """A tiny Gemma2ForCausalLM whose forward soft-caps the logits at `softcap` (tanh(z / c) * c)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                          max_position_embeddings=128, sliding_window=16, final_logit_softcapping=softcap,
+                          attn_logit_softcapping=50.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                          **config_kwargs)
+    torch.manual_seed(seed)
+    model = Gemma2ForCausalLM(config)
+    return _save_and_load(model, path)
+
+
+def _scale_lm_head(model, factor=8.0):
+    # Random init gives nearly uniform next-token distributions; sharper ones make the tests more telling.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(factor)
+
+
+def tiny_tokenizer(path=None):
+    """A word-level fast tokenizer over `WORDS` (whitespace-split), with bos/eos/pad/unk and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + WORDS)}
+    assert len(vocab) <= VOCAB_SIZE
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                           special_tokens=[("<bos>", vocab["<bos>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if path is not None:
+        tokenizer.save_pretrained(os.fspath(path))
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(os.fspath(path))
+    return tokenizer
+
+
+def toy_texts(n, *, seed=0, min_words=4, max_words=12):
+    """`n` deterministic whitespace-separated sentences of random lengths over `WORDS`."""
+    rng = random.Random(seed)
+    words = WORDS[:40]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def toy_prompt_completions(n, *, seed=0):
+    """`n` prompt/completion pairs: the completion reverses the prompt's words (uneven lengths)."""
+    rng = random.Random(seed)
+    words = WORDS[:40]
+    rows = []
+    for _ in range(n):
+        prompt = [rng.choice(words) for _ in range(rng.randint(2, 6))]
+        completion = list(reversed(prompt))[: rng.randint(1, len(prompt))]
+        rows.append({"prompt": " ".join(prompt) + " ?", "completion": " ".join(completion) + " ."})
+    return rows
+
+
+def toy_token_batches(n, *, seed=0, seq_len=12, vocab_size=VOCAB_SIZE, prompt_max=6):
+    """`n` examples {input_ids, attention_mask, labels} with right padding and masked prompts (uneven counts)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(5, seq_len + 1, (1,), generator=g))
+        ids = torch.randint(4, vocab_size, (length,), generator=g)
+        prompt = int(torch.randint(1, min(prompt_max, length - 1) + 1, (1,), generator=g))
+        labels = ids.clone()
+        labels[:prompt] = -100
+        pad = seq_len - length
+        rows.append({
+            "input_ids": torch.cat([ids, torch.zeros(pad, dtype=torch.long)]),
+            "attention_mask": torch.cat([torch.ones(length, dtype=torch.long), torch.zeros(pad, dtype=torch.long)]),
+            "labels": torch.cat([labels, torch.full((pad,), -100, dtype=torch.long)]),
+        })
+    return rows
