@@ -129,3 +129,40 @@ def toy_token_batches(n, *, seed=0, seq_len=12, vocab_size=VOCAB_SIZE, prompt_ma
             "labels": torch.cat([labels, torch.full((pad,), -100, dtype=torch.long)]),
         })
     return rows
+
+
+def collate(rows):
+    """Stack a list of equally long examples (as `toy_token_batches` makes) into a batch."""
+    return {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
+
+
+def independent_loss(model, batch, *, kl_weight=1.0, temperature=1.0, kl_direction="forward",
+                     num_items_in_batch=None, ref_model=None):
+    """(loss, ce, kl) in float64 from the full logits of `model` and of its base, independently of the library.
+
+    The base logits come from `ref_model` or from `model.disable_adapter()` (a PEFT model); the labels are shifted
+    here (logits[:, :-1] against labels[:, 1:]) and `tests/reference.py` does the rest. The loss keeps the graph to
+    `model`, so its gradient can be compared too.
+    """
+    from reference import loss_reference
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    with torch.no_grad():
+        if ref_model is not None:
+            base = ref_model(**inputs).logits
+        else:
+            with model.disable_adapter():
+                base = model(**inputs).logits
+    return loss_reference(logits[:, :-1], base[:, :-1], batch["labels"][:, 1:], kl_weight=kl_weight,
+                          temperature=temperature, kl_direction=kl_direction,
+                          num_items_in_batch=num_items_in_batch)
+
+
+def perturb_trainable(model, scale=0.3, seed=1):
+    """Move every trainable parameter by Gaussian noise (an adapter that has already learned something)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
