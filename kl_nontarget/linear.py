@@ -23,7 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kl_nontarget.loss import _check_label_range, _check_options, _reduction_scale, _resolve_backend, _rows_fn
+from kl_nontarget.loss import (_check_label_range, _check_options, _graph_is_kept, _reduction_scale, _resolve_backend,
+                               _rows_fn)
 
 # Budget for one chunk's logits-sized blocks (adapted and base logits, their gradient, the soft-cap's tanh).
 CPU_CHUNK_BYTES = 64 * 2**20
@@ -201,15 +202,14 @@ class _NonTargetKLLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h2, weight, bias, job):
         want_h, want_w, want_b = job.want
-        ctx.job = job
         ctx.want = job.want
         ctx.deferred = job.reduction == "none" and (want_w or want_b)
         if ctx.deferred:
+            ctx.job = job
             # Per-row weights of grad_W arrive only with the backward: recompute the chunks there.
             ce, kl, *_ = job.run(h2, weight, bias, grad_scale=job.grad_scale, want_h=False, want_w=False,
                                  want_b=False)
             ctx.save_for_backward(h2, weight, bias)
-            ctx.grads = True
         else:
             ce, kl, gh, gw, gb = job.run(h2, weight, bias, grad_scale=job.grad_scale, want_h=want_h, want_w=want_w,
                                          want_b=want_b)
@@ -220,24 +220,30 @@ class _NonTargetKLLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        if ctx.grads is None:
-            raise RuntimeError("nontarget_kl_linear_loss supports a single backward pass: its gradients are scaled "
-                               "in place and freed (do not call backward twice with retain_graph=True)")
         want_h, want_w, want_b = ctx.want
+        keep = _graph_is_kept()
         if ctx.deferred:
             h2, weight, bias = ctx.saved_tensors
-            _, _, gh, gw, gb = ctx.job.run(h2, weight, bias, grad_scale=ctx.job.grad_scale, want_h=want_h,
-                                           want_w=want_w, want_b=want_b, row_weight=grad_loss.reshape(-1))
-        else:
-            gh, gw, gb = ctx.grads
-            if grad_loss.dim() > 0:  # reduction="none": one weight per row, and only grad_h exists here
-                gh.mul_(grad_loss.reshape(-1, 1).to(gh.dtype))
-            elif not bool(grad_loss == 1):  # loss.backward() needs no pass over the gradients at all
-                for g in (gh, gw, gb):
-                    if g is not None:
-                        g.mul_(grad_loss.to(g.dtype))
-        ctx.grads = None
-        ctx.job = None
+            job = ctx.job
+            if not keep:
+                ctx.job = None
+            _, _, gh, gw, gb = job.run(h2, weight, bias, grad_scale=job.grad_scale, want_h=want_h, want_w=want_w,
+                                       want_b=want_b, row_weight=grad_loss.reshape(-1))
+            return gh, gw, gb, None
+        if ctx.grads is None:
+            raise RuntimeError("nontarget_kl_linear_loss: backward called twice; pass retain_graph=True to the "
+                               "first backward to keep its gradients")
+        gh, gw, gb = ctx.grads
+        if not keep:
+            ctx.grads = None  # let the buffers go once autograd has taken them
+        if grad_loss.dim() > 0:  # reduction="none": one weight per row, and only grad_h exists here
+            factor = grad_loss.reshape(-1, 1)
+        elif not bool(grad_loss == 1):
+            factor = grad_loss
+        else:  # the common case, loss.backward(): nothing to do
+            return gh, gw, gb, None
+        # Scaled in place (one rounding) unless the graph is kept for another backward.
+        gh, gw, gb = (None if g is None else (g if not keep else g.clone()).mul_(factor) for g in (gh, gw, gb))
         return gh, gw, gb, None
 
 
