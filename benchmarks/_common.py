@@ -294,17 +294,18 @@ def save_results(path, device: str, rows: list, meta: dict | None = None) -> Pat
     """Merge `rows` into the results file at `path` (same device): rows with the same identity are replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    old_rows = []
+    old = {}
     if path.exists():
         try:
             old = json.loads(path.read_text())
-            if old.get("device") == device_name(device):
-                old_rows = old.get("rows", [])
         except (OSError, ValueError):
-            old_rows = []
+            old = {}
+        if not isinstance(old, dict) or old.get("device") != device_name(device):
+            old = {}
     new_ids = {_identity(r) for r in rows}
-    merged = [r for r in old_rows if _identity(r) not in new_ids] + rows
-    doc = {"device": device_name(device), **{k: v for k, v in versions().items() if k in ("torch", "triton")}}
+    merged = [r for r in old.get("rows", []) if _identity(r) not in new_ids] + rows
+    doc = {k: v for k, v in old.items() if k != "rows"}  # e.g. the other benchmark's *_meta
+    doc.update({"device": device_name(device), **{k: v for k, v in versions().items() if k in ("torch", "triton")}})
     doc["versions"] = versions()
     doc["updated"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     if meta:
