@@ -8,6 +8,12 @@ Implementations (rows' "impl"):
   torch_compile        `torch.compile` of that same formula (static shapes, compiled once per shape in the warm-up)
   liger_ce             Liger-Kernel's fused cross-entropy alone, where importable: a lower bound (no KL at all)
 
+Fused-linear rows take hidden states instead of logits (hidden size --hidden; the LM head W is frozen, as with LoRA,
+and shared by both passes). Their time includes the head's matmuls (two forward, one for the hidden-state gradient),
+which the rows above leave out; their inputs are h, h_ref and W, so "peak MB" shows what the logits cost:
+  kl_nontarget_linear  `nontarget_kl_linear_loss(h, h_ref, W, y)`: chunks of tokens, never N x V logits
+  linear_logits        the same loss unfused: logits = h @ W.T (and h_ref @ W.T without grad), then `nontarget_kl_loss`
+
 Time is the median of repeated calls after a warm-up (CUDA events on GPU, perf_counter on CPU); peak memory comes from
 one separate call (see _common.py for how it is measured on each device). The byte floor is 3*N*V*bytes (read z and b,
 write the gradient); "floor_x" is time / (floor / bandwidth), the bandwidth measured with a large device-to-device
@@ -18,6 +24,7 @@ Examples:
   python benchmarks/bench_kernel.py --N 16384 --V 128256 --dtype bf16
   python benchmarks/bench_kernel.py --device cpu --quick  # tiny CPU smoke run (< 1 min)
   python benchmarks/bench_kernel.py --device cpu --cpu-target  # design target: N=4096, V=32000, fp32 on CPU
+  python benchmarks/bench_kernel.py --device cpu --N 2048 --V 32768 --dtype fp32 --impls kl_nontarget_linear linear_logits
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ import torch.nn.functional as F  # noqa: E402
 import _common as C  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-ALL_IMPLS = ("kl_nontarget_triton", "kl_nontarget_torch", "eager", "torch_compile", "liger_ce")
+LINEAR_IMPLS = ("kl_nontarget_linear", "linear_logits")
+ALL_IMPLS = ("kl_nontarget_triton", "kl_nontarget_torch", "eager", "torch_compile", "liger_ce") + LINEAR_IMPLS
 FULL_N = (4096, 16384, 32768)
 FULL_V = (32000, 128256, 151936, 262144)
 QUICK_CPU = dict(N=(16,), V=(512, 2048), dtype=("fp32", "bf16"))
@@ -116,6 +124,25 @@ def make_impl(name: str, device: str, kl_weight: float):
     raise ValueError(f"unknown impl {name!r}; choose from {ALL_IMPLS}")
 
 
+def make_linear_impl(name: str, kl_weight: float):
+    """A callable (h, h_ref, W, y) -> scalar loss for the fused-linear rows."""
+    if name == "kl_nontarget_linear":
+        from kl_nontarget.linear import nontarget_kl_linear_loss
+
+        return lambda h, rh, w, y: nontarget_kl_linear_loss(h, rh, w, y, kl_weight=kl_weight)
+    if name == "linear_logits":
+        from kl_nontarget.loss import nontarget_kl_loss
+
+        def unfused(h, rh, w, y):
+            z = h @ w.t()
+            with torch.no_grad():
+                b = rh @ w.t()
+            return nontarget_kl_loss(z, b, y, kl_weight=kl_weight)
+
+        return unfused
+    raise ValueError(f"unknown fused-linear impl {name!r}; choose from {LINEAR_IMPLS}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # one shape
 
@@ -126,6 +153,15 @@ def make_inputs(n, v, dtype, device, seed=0):
     b = torch.randn(n, v, device=device, dtype=dtype, generator=gen).mul_(0.5).add_(z)  # a nearby base model
     y = torch.randint(0, v, (n,), device=device, generator=gen)
     return z.requires_grad_(True), b, y
+
+
+def make_linear_inputs(n, v, d, dtype, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(n, d, device=device, dtype=dtype, generator=gen)
+    rh = torch.randn(n, d, device=device, dtype=dtype, generator=gen).mul_(0.25).add_(h)  # a nearby base model
+    w = torch.randn(v, d, device=device, dtype=dtype, generator=gen).mul_(2.0 / d ** 0.5)  # logits of std ~2
+    y = torch.randint(0, v, (n,), device=device, generator=gen)
+    return h.requires_grad_(True), rh, w, y
 
 
 def _estimate_eager_bytes(n, v, itemsize):
@@ -148,6 +184,8 @@ def run_shape(n, v, dtype_name, impls, args, bandwidth_gbps):
         r.update(kw)
         return r
 
+    logit_impls = [i for i in impls if i not in LINEAR_IMPLS]
+    linear_impls = [i for i in impls if i in LINEAR_IMPLS]
     if device == "cpu":
         avail = C.mem_available_bytes()
         need = _estimate_eager_bytes(n, v, itemsize)
@@ -155,32 +193,16 @@ def run_shape(n, v, dtype_name, impls, args, bandwidth_gbps):
             note = (f"not run: about {need / 2**30:.1f} GiB needed, {avail / 2**30:.1f} GiB available "
                     "(a CPU allocation failure can kill the process instead of raising)")
             return [row(i, "oom", note=note) for i in impls]
-    try:
-        z, b, y = make_inputs(n, v, dtype, device)
-    except Exception as err:  # noqa: BLE001
-        C.free_memory(device)
-        status = "oom" if C.is_oom(err) else "error"
-        return [row(i, status, note=f"inputs: {type(err).__name__}: {str(err)[:200]}") for i in impls]
-    input_bytes = 2 * n * v * itemsize + y.numel() * 8
 
-    # Liger overwrites z with its gradient, so it goes last.
-    order = sorted(impls, key=lambda i: i == "liger_ce")
-    for impl in order:
+    def measure(impl, f, inputs, grad_leaf, input_bytes, **extra):
         state = {}
-        try:
-            f = make_impl(impl, device, args.kl_weight)
-        except RuntimeError as err:
-            if str(err).startswith("skipped:"):
-                rows.append(row(impl, "skipped", note=str(err)[len("skipped: "):]))
-                continue
-            raise
 
         def drop_grad():
-            z.grad = None
+            grad_leaf.grad = None
             state.pop("loss", None)
 
         def step():
-            loss = f(z, b, y)
+            loss = f(*inputs)
             loss.backward()
             state["loss"] = loss
 
@@ -197,19 +219,54 @@ def run_shape(n, v, dtype_name, impls, args, bandwidth_gbps):
             rows.append(row(impl, "ok", ms=ms, peak_mb=C.finite_or_none(peak_mb),
                             extra_mb=C.finite_or_none(extra_mb),
                             floor_x=C.finite_or_none(ms / floor_ms) if floor_ms else None,
-                            loss=C.finite_or_none(loss_value)))
+                            loss=C.finite_or_none(loss_value), **extra))
         except Exception as err:  # noqa: BLE001 - record and go on with the next implementation
             status = "oom" if C.is_oom(err) else "error"
             rows.append(row(impl, status, note=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                            if str(err) else type(err).__name__))
+                            if str(err) else type(err).__name__, **extra))
         finally:
             drop_grad()
             state.clear()
-            f = None
             if device == "cuda":
                 C.free_memory(device)
-    del z, b, y
-    C.free_memory(device)
+
+    if logit_impls:
+        try:
+            z, b, y = make_inputs(n, v, dtype, device)
+        except Exception as err:  # noqa: BLE001
+            C.free_memory(device)
+            status = "oom" if C.is_oom(err) else "error"
+            return [row(i, status, note=f"inputs: {type(err).__name__}: {str(err)[:200]}") for i in impls]
+        input_bytes = 2 * n * v * itemsize + y.numel() * 8
+
+        # Liger overwrites z with its gradient, so it goes last.
+        for impl in sorted(logit_impls, key=lambda i: i == "liger_ce"):
+            try:
+                f = make_impl(impl, device, args.kl_weight)
+            except RuntimeError as err:
+                if str(err).startswith("skipped:"):
+                    rows.append(row(impl, "skipped", note=str(err)[len("skipped: "):]))
+                    continue
+                raise
+            measure(impl, f, (z, b, y), z, input_bytes)
+            f = None
+        del z, b, y
+        C.free_memory(device)
+
+    if linear_impls:  # after the logits above are freed: these rows' peak holds hidden states, not logits
+        d = args.hidden
+        try:
+            h, rh, w, y = make_linear_inputs(n, v, d, dtype, device)
+        except Exception as err:  # noqa: BLE001
+            C.free_memory(device)
+            status = "oom" if C.is_oom(err) else "error"
+            return rows + [row(i, status, hidden=d, note=f"inputs: {type(err).__name__}: {str(err)[:200]}")
+                           for i in linear_impls]
+        input_bytes = (2 * n * d + v * d) * itemsize + y.numel() * 8
+        for impl in linear_impls:
+            measure(impl, make_linear_impl(impl, args.kl_weight), (h, rh, w, y), h, input_bytes, hidden=d)
+        del h, rh, w, y
+        C.free_memory(device)
     return rows
 
 
@@ -268,6 +325,13 @@ def check_targets(rows, device):
             if c:
                 parts.append(f"{c['ms'] / t['ms']:.2f}x faster than torch.compile (goal >= 2x)")
             lines.append("GPU target (N=16384, V=128256, bf16): " + "; ".join(parts))
+    for (impl, n, v, dt), r in sorted(idx.items(), key=lambda kv: kv[0][1:]):
+        u = idx.get(("linear_logits", n, v, dt))
+        if impl == "kl_nontarget_linear" and u:
+            mem = (f"{r['peak_mb'] / u['peak_mb']:.2f}x its peak memory" if r.get("peak_mb") and u.get("peak_mb")
+                   else "peak memory not measured")
+            lines.append(f"Fused linear (N={n}, V={v}, {dt}, d={r.get('hidden')}): {u['ms'] / r['ms']:.2f}x the "
+                         f"speed of the unfused logits path, {mem}")
     return lines
 
 
@@ -287,6 +351,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed calls; the median is reported (default 20 GPU, 3 CPU)")
     p.add_argument("--bandwidth", type=float, default=None, help="peak bandwidth in GB/s instead of measuring it")
     p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--hidden", type=int, default=None,
+                   help="hidden size d of the fused-linear rows (default 4096 on GPU, 64 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device-slug>.json)")
     p.add_argument("--no-save", action="store_true", help="print the table only")
@@ -311,9 +377,12 @@ def parse_args(argv=None):
     args.dtype = args.dtype or list(grid["dtype"])
     if args.impls is None:
         if cpu:
-            args.impls = ["kl_nontarget_torch", "eager"] + (["kl_nontarget_triton"] if args.quick else [])
+            args.impls = ["kl_nontarget_torch", "eager"] + (["kl_nontarget_triton"] + list(LINEAR_IMPLS)
+                                                           if args.quick else [])
         else:
-            args.impls = ["kl_nontarget_triton", "eager", "torch_compile", "liger_ce"]
+            args.impls = ["kl_nontarget_triton", "eager", "torch_compile", "liger_ce"] + list(LINEAR_IMPLS)
+    if args.hidden is None:
+        args.hidden = 64 if cpu else 4096
     if args.warmup is None:
         args.warmup = 2 if cpu else 5
     if args.reps is None:
