@@ -1,0 +1,103 @@
+"""Smoke tests of the benchmark scripts: they run on the CPU and write a well-formed results file.
+
+Nothing here checks a timing (benchmarks are never timed tests); only that the scripts run, record every row, and
+write finite numbers, and that the implementations agree on the loss they benchmark.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STATUSES = {"ok", "oom", "error", "skipped"}
+
+
+def _run(script, out, *args, timeout=300):
+    # --threads 1: a smoke run on a shared CPU is faster and steadier without OpenMP threads waiting for each other.
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", "--threads", "1", "--out",
+           str(out), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _reject_constant(name):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _load(out):
+    doc = json.loads(Path(out).read_text(), parse_constant=_reject_constant)
+    assert isinstance(doc["device"], str) and doc["device"]
+    assert isinstance(doc["torch"], str) and doc["torch"]
+    assert doc["triton"] is None or isinstance(doc["triton"], str)
+    assert isinstance(doc["rows"], list) and doc["rows"]
+    return doc
+
+
+def _check_row(row, bench):
+    assert row["bench"] == bench
+    assert isinstance(row["impl"], str) and row["impl"]
+    assert isinstance(row["N"], int) and row["N"] > 0
+    assert isinstance(row["V"], int) and row["V"] > 0
+    assert row["dtype"] in ("bf16", "fp32")
+    assert row["status"] in STATUSES
+    if row["status"] == "ok":
+        for key in ("ms", "peak_mb"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] >= 0, (key, row)
+        assert row["ms"] > 0
+    else:
+        assert row.get("note"), row
+    for key, value in row.items():
+        if isinstance(value, float):
+            assert math.isfinite(value), (key, row)
+
+
+def test_bench_kernel_cpu_quick(tmp_path):
+    out = tmp_path / "results.json"
+    stdout = _run("bench_kernel.py", out, "--quick")
+    assert "| N | V | dtype | impl |" in stdout
+    doc = _load(out)
+    rows = doc["rows"]
+    for row in rows:
+        _check_row(row, "kernel")
+    impls = {r["impl"] for r in rows}
+    expected = {"kl_nontarget_torch", "eager"}
+    if importlib.util.find_spec("triton") is not None:
+        expected.add("kl_nontarget_triton")
+    assert expected <= impls
+    assert all(r["status"] == "ok" for r in rows if r["impl"] in expected), rows
+    # The implementations benchmark the same loss on the same inputs: in float32 they agree closely. (Rows with a
+    # "hidden" size take hidden states and an LM head instead of logits: they agree among themselves.)
+    by_shape = {}
+    for r in rows:
+        if r["dtype"] == "fp32" and r["status"] == "ok":
+            by_shape.setdefault((r["N"], r["V"], r.get("hidden")), []).append(r["loss"])
+    assert by_shape
+    for losses in by_shape.values():
+        assert max(losses) - min(losses) <= 1e-4 * max(abs(x) for x in losses), losses
+
+    # A second run merges into the same file: rows are replaced, not duplicated.
+    _run("bench_kernel.py", out, "--quick", "--impls", "eager", "--dtype", "fp32", "--V", "512")
+    rows2 = _load(out)["rows"]
+    keys = [(r["impl"], r["N"], r["V"], r["dtype"]) for r in rows2]
+    assert len(keys) == len(set(keys)) == len(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="bench_step needs peft")
+def test_bench_step_cpu_tiny(tmp_path):
+    out = tmp_path / "results.json"
+    _run("bench_step.py", out, "--model", "tiny", "--steps", "2", "--warmup-steps", "1")
+    rows = _load(out)["rows"]
+    assert {r["impl"] for r in rows} == {"plain", "kl"}
+    for row in rows:
+        _check_row(row, "step")
+        assert row["status"] == "ok", row
+    kl = next(r for r in rows if r["impl"] == "kl")
+    assert math.isfinite(kl["time_ratio"]) and kl["time_ratio"] > 0
