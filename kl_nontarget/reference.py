@@ -249,14 +249,32 @@ def adapters_disabled(model: nn.Module):
                     layer.enable_adapters(True)
 
 
+def autocast_state(device_type: str):
+    """(enabled, dtype) of autocast on `device_type` now, to replay around a later base pass."""
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):  # pragma: no cover - torch < 2.4
+        return False, None
+
+
+def autocast_like(device_type: str, state) -> contextlib.AbstractContextManager:
+    """A context that reproduces an `autocast_state` (a no-op when autocast was off)."""
+    enabled, dtype = state
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
 def base_forward(model: nn.Module, forward_kwargs: dict, *, ref_model: nn.Module | None = None,
-                 forward_args: tuple = (), unwrapped: nn.Module | None = None) -> Any:
+                 forward_args: tuple = (), unwrapped: nn.Module | None = None,
+                 context: contextlib.AbstractContextManager | None = None) -> Any:
     """Outputs of the base model on the given forward inputs, without gradient.
 
     With `ref_model`, that model is called. Otherwise `model` (possibly wrapped, e.g. by DDP) is called with its
-    adapters disabled; the adapters are found on `unwrapped` (default: `model` without DDP wrappers).
+    adapters disabled; the adapters are found on `unwrapped` (default: `model` without DDP wrappers). `context`
+    (e.g. the autocast of mixed precision) is entered around the call so both passes run at the same precision.
     """
-    with torch.no_grad():
+    with torch.no_grad(), (context if context is not None else contextlib.nullcontext()):
         if ref_model is not None:
             return ref_model(*forward_args, **forward_kwargs)
         with adapters_disabled(unwrapped if unwrapped is not None else model):
@@ -355,7 +373,8 @@ class BatchLogits:
 def compute_batch_logits(model: nn.Module, inputs: dict, *, ref_model: nn.Module | None = None,
                          unwrapped: nn.Module | None = None, adapted_outputs: Any = None,
                          labels: torch.Tensor | None = None, forward_args: tuple = (),
-                         use_logits_mask: bool = True) -> BatchLogits:
+                         use_logits_mask: bool = True,
+                         base_context: contextlib.AbstractContextManager | None = None) -> BatchLogits:
     """Run the adapted pass (unless `adapted_outputs` is given) and the base pass on one batch.
 
     Args:
@@ -368,6 +387,9 @@ def compute_batch_logits(model: nn.Module, inputs: dict, *, ref_model: nn.Module
         forward_args: positional forward arguments, if the forward was called with any.
         use_logits_mask: ask the model for logits at the supervised positions only, when the installed transformers
             supports a boolean `logits_to_keep`. Pass False when the caller needs the full logits in the outputs.
+        base_context: a context entered around the base pass only: mixed-precision autocast when the base model is
+            not called through the same accelerate wrapper as the adapted one (a `ref_model`, or a hook on the inner
+            model).
 
     Returns:
         A `BatchLogits` whose rows are the positions with a supervised next token (labels[:, 1:] != -100).
@@ -400,7 +422,7 @@ def compute_batch_logits(model: nn.Module, inputs: dict, *, ref_model: nn.Module
     else:
         base_mask = mask
     base_outputs = base_forward(model, base_kwargs, ref_model=ref_model, forward_args=forward_args,
-                                unwrapped=unwrapped)
+                                unwrapped=unwrapped, context=base_context)
     ref_logits = select_logits(_logits_of(base_outputs), base_mask,
                                source="ref_model" if ref_model is not None else "the base model")
     if ref_logits.shape[-1] != logits.shape[-1]:

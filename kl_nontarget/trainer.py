@@ -84,9 +84,12 @@ class NonTargetKLMixin:
         if "labels" not in inputs and "shift_labels" not in inputs:
             raise ValueError(f"{type(self).__name__} needs 'labels' in every batch (use a collator that builds "
                              "them, with -100 on unsupervised positions); got keys " + ", ".join(inputs))
+        # The PEFT base pass calls `model` itself, so accelerate's mixed-precision wrapper applies to both passes; a
+        # separate ref_model gets the same autocast explicitly.
+        base_context = self.accelerator.autocast() if self.ref_model is not None else None
         batch = compute_batch_logits(model, inputs, ref_model=self.ref_model,
                                      unwrapped=self.accelerator.unwrap_model(model),
-                                     use_logits_mask=not return_outputs)
+                                     use_logits_mask=not return_outputs, base_context=base_context)
         loss, ce, kl = self.compute_regularized_loss(batch.logits, batch.ref_logits, batch.labels,
                                                      num_items_in_batch)
         scale = 1.0
@@ -144,6 +147,12 @@ class NonTargetKLMixin:
         if self.accelerator.num_processes > 1:
             value = self.accelerator.gather(value)
         return value
+
+    def train(self, *args, **kwargs):
+        # Loss calls made outside training (by hand, or before a resume) must not leak into the first logging window.
+        self._kl_sums["train"] = self._zero_sums()
+        self._kl_window_start = None
+        return super().train(*args, **kwargs)
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and self._kl_window_start is not None:

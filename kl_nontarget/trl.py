@@ -18,8 +18,8 @@ import trl
 from torch import nn
 
 from kl_nontarget.loss import nontarget_kl_loss
-from kl_nontarget.reference import check_reference, compute_batch_logits, has_adapters, is_peft_model, \
-    prepare_ref_model, unwrap_model
+from kl_nontarget.reference import autocast_like, autocast_state, check_reference, compute_batch_logits, \
+    has_adapters, is_peft_model, prepare_ref_model, unwrap_model
 from kl_nontarget.trainer import NonTargetKLMixin, check_options
 
 __all__ = ["NonTargetKLSFTTrainer", "nontarget_kl_loss_func", "NonTargetKLLossFunc"]
@@ -126,7 +126,10 @@ class NonTargetKLLossFunc:
     def _capture(self, module, args, kwargs):
         if self._in_base_pass or kwargs.get("fused_lm_head"):
             return None
-        self._captured = (tuple(args), dict(kwargs))
+        # Accelerate's mixed precision wraps the outermost forward in autocast; replay it around the base pass,
+        # which may call this (inner) module directly.
+        device_type = next((v.device.type for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), "cpu")
+        self._captured = (tuple(args), dict(kwargs), device_type, autocast_state(device_type))
         return None
 
     def __call__(self, outputs, labels, num_items_in_batch=None, **_):
@@ -139,14 +142,14 @@ class NonTargetKLLossFunc:
                                "the same model (or its PEFT wrapper) to the trainer")
         if not self._checked:
             self._check()
-        args, kwargs = captured
+        args, kwargs, device_type, autocast = captured
         inputs = dict(kwargs)
         if labels is not None:
             inputs["labels"] = labels
         self._in_base_pass = True
         try:
             batch = compute_batch_logits(self.model, inputs, ref_model=self.ref_model, adapted_outputs=outputs,
-                                         forward_args=args)
+                                         forward_args=args, base_context=autocast_like(device_type, autocast))
         finally:
             self._in_base_pass = False
         # No `average_tokens_across_devices` scaling here: the Trainer applies it to compute_loss_func's loss.

@@ -108,7 +108,7 @@ def toy_prompt_completions(n, *, seed=0):
     for _ in range(n):
         prompt = [rng.choice(words) for _ in range(rng.randint(2, 6))]
         completion = list(reversed(prompt))[: rng.randint(1, len(prompt))]
-        rows.append({"prompt": " ".join(prompt) + " ?", "completion": " ".join(completion) + " ."})
+        rows.append({"prompt": " ".join(prompt) + " ?", "completion": " " + " ".join(completion) + " ."})
     return rows
 
 

@@ -1,0 +1,278 @@
+"""NonTargetKLSFTTrainer and the compute_loss_func hook (kl_nontarget/trl.py) on tiny CPU models with TRL."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from tiny_models import collate, independent_loss, perturb_trainable, tiny_llama, tiny_tokenizer, \
+    toy_prompt_completions, toy_token_batches
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+
+from kl_nontarget.reference import tuner_layers
+from kl_nontarget.trainer import NonTargetKLTrainer
+from kl_nontarget.trl import NonTargetKLSFTTrainer, nontarget_kl_loss_func
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trl")
+    tiny_llama(root / "llama")
+    tiny_tokenizer(root / "tokenizer")
+    return root
+
+
+def base_model(paths):
+    return AutoModelForCausalLM.from_pretrained(paths / "llama", dtype=torch.float32)
+
+
+def lora_config():
+    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+
+
+def moved_peft_model(paths, seed=0):
+    torch.manual_seed(seed)
+    model = get_peft_model(base_model(paths), lora_config())
+    perturb_trainable(model)
+    return model
+
+
+def sft_args(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                  max_steps=3, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
+                  report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0,
+                  disable_tqdm=True, max_length=64)
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
+
+
+def prompt_completion(n=16):
+    return Dataset.from_list(toy_prompt_completions(n, seed=5))
+
+
+def conversational(n=12):
+    rows = toy_prompt_completions(n, seed=6)
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows])
+
+
+def first_batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return {k: v for k, v in batch.items()}
+
+
+def trainable_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_state(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=name)
+
+
+def count_hooks(model):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def hooks_of(loss_func, model):
+    return [h for m in model.modules() for h in m._forward_pre_hooks.values() if getattr(h, "__self__", None) is loss_func]
+
+
+# -- the SFT subclass ----------------------------------------------------------------------------------------------
+
+
+def test_sft_subclass_prompt_completion_matches_reference_and_trains(paths, tmp_path):
+    tokenizer = tiny_tokenizer(paths / "tokenizer")
+    trainer = NonTargetKLSFTTrainer(model=base_model(paths), args=sft_args(tmp_path), train_dataset=prompt_completion(),
+                                    eval_dataset=prompt_completion(8), processing_class=tokenizer,
+                                    peft_config=lora_config(), kl_weight=0.8, temperature=1.3)
+    model = trainer.model
+    perturb_trainable(model)
+    assert "forward" not in vars(model.get_base_model())  # TRL's fused-LM-head patch is not needed and removed
+    batch = first_batch(trainer)
+    # completion-only loss: the prompt tokens are masked in the labels SFT built
+    assert ((batch["labels"] == -100) & (batch["attention_mask"] == 1)).any()
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(17))
+    expected, _, kl = independent_loss(model, batch, kl_weight=0.8, temperature=1.3, num_items_in_batch=17)
+    assert kl > 1e-3
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 3
+    for log in logs:
+        assert {"ce_loss", "nontarget_kl", "entropy", "mean_token_accuracy", "num_tokens"} <= log.keys()
+        assert log["loss"] == pytest.approx(log["ce_loss"] + 0.8 * 1.3 ** 2 * log["nontarget_kl"], rel=1e-4)
+    metrics = trainer.evaluate()
+    assert {"eval_ce_loss", "eval_nontarget_kl", "eval_entropy"} <= metrics.keys()
+
+    merged = model.merge_and_unload()
+    assert type(merged) is LlamaForCausalLM and not tuner_layers(merged) and "forward" not in vars(merged)
+
+
+def test_sft_subclass_conversational(paths, tmp_path):
+    tokenizer = tiny_tokenizer(paths / "tokenizer")
+    model = moved_peft_model(paths)
+    trainer = NonTargetKLSFTTrainer(model=model, args=sft_args(tmp_path, max_steps=2), train_dataset=conversational(),
+                                    processing_class=tokenizer)
+    batch = first_batch(trainer)
+    assert ((batch["labels"] == -100) & (batch["attention_mask"] == 1)).any()
+    loss = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(loss.double(), independent_loss(model, batch)[0].detach(), rtol=1e-5, atol=1e-6)
+    trainer.train()
+    assert trainer.state.log_history[0]["nontarget_kl"] > 0
+
+
+def test_sft_subclass_packing_padding_free(paths, tmp_path):
+    tokenizer = tiny_tokenizer(paths / "tokenizer")
+    model = moved_peft_model(paths)
+    trainer = NonTargetKLSFTTrainer(model=model, args=sft_args(tmp_path, max_steps=2, packing=True, max_length=48,
+                                                               per_device_train_batch_size=2),
+                                    train_dataset=prompt_completion(), processing_class=tokenizer)
+    batch = first_batch(trainer)
+    assert "position_ids" in batch and "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    assert int((batch["position_ids"] == 0).sum()) > 1  # several sequences in one row
+    loss = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(loss.double(), independent_loss(model, batch)[0].detach(), rtol=1e-5, atol=1e-6)
+    trainer.train()
+    assert all(log["nontarget_kl"] > 0 for log in trainer.state.log_history if "loss" in log)
+
+
+# -- the hook ------------------------------------------------------------------------------------------------------
+
+
+def test_hook_and_subclass_train_identically_in_sft(paths, tmp_path):
+    # Both through TRL's peft_config path (SFTTrainer wraps the model; the hook then sits on the inner model).
+    tokenizer = tiny_tokenizer(paths / "tokenizer")
+    common = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    torch.manual_seed(0)
+    sub = NonTargetKLSFTTrainer(model=base_model(paths), args=sft_args(tmp_path / "a", **common),
+                                train_dataset=prompt_completion(), processing_class=tokenizer,
+                                peft_config=lora_config(), kl_weight=2.0)
+    assert sub.args.bf16  # TRL's default: both passes run under accelerate's bf16 autocast
+    sub.train()
+    assert sub.state.log_history[0]["nontarget_kl"] == 0.0  # same precision for both passes: exactly 0 at first
+
+    plain = base_model(paths)
+    hook = nontarget_kl_loss_func(plain, kl_weight=2.0)
+    assert len(hooks_of(hook, plain)) == 1
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning):  # TRL 1.16 deprecates compute_loss_func
+        via_hook = SFTTrainer(model=plain, args=sft_args(tmp_path / "b", **common), train_dataset=prompt_completion(),
+                              processing_class=tokenizer, peft_config=lora_config(), compute_loss_func=hook)
+    via_hook.train()
+    assert hook._captured is None  # nothing kept between steps
+    assert_same_state(trainable_state(sub.model), trainable_state(via_hook.model), atol=1e-5)
+    sub_losses = [log["loss"] for log in sub.state.log_history if "loss" in log]
+    assert sub.state.log_history[-2]["nontarget_kl"] > 0
+    assert [log["loss"] for log in via_hook.state.log_history if "loss" in log] == pytest.approx(sub_losses, rel=1e-5)
+    before = count_hooks(plain)
+    hook.remove()
+    assert count_hooks(plain) == before - 1 and not hooks_of(hook, plain)
+
+
+def test_hook_on_peft_model_matches_reference_in_sft(paths, tmp_path):
+    tokenizer = tiny_tokenizer(paths / "tokenizer")
+    model = moved_peft_model(paths)
+    hook = nontarget_kl_loss_func(model, kl_weight=0.5, kl_direction="reverse")
+    with pytest.warns(FutureWarning):
+        trainer = SFTTrainer(model=model, args=sft_args(tmp_path, max_steps=2), train_dataset=prompt_completion(),
+                             processing_class=tokenizer, compute_loss_func=hook)
+    batch = first_batch(trainer)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(20))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    expected = independent_loss(model, batch, kl_weight=0.5, kl_direction="reverse", num_items_in_batch=20)[0]
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    trainer.train()
+    assert len(hooks_of(hook, model)) == 1
+    hook.remove()
+    assert not hooks_of(hook, model)
+
+
+def test_hook_with_transformers_trainer_matches_subclass(paths, tmp_path):
+    data = toy_token_batches(8, seed=4)
+    args = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, learning_rate=0.5,
+                optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
+                save_strategy="no", seed=0, disable_tqdm=True)
+    sub_model = moved_peft_model(paths)
+    NonTargetKLTrainer(model=sub_model, args=TrainingArguments(str(tmp_path / "a"), **args), train_dataset=data,
+                       kl_weight=1.5).train()
+    hook_model = moved_peft_model(paths)
+    hook = nontarget_kl_loss_func(hook_model, kl_weight=1.5)
+    Trainer(model=hook_model, args=TrainingArguments(str(tmp_path / "b"), **args), train_dataset=data,
+            compute_loss_func=hook).train()
+    hook.remove()
+    assert_same_state(trainable_state(sub_model), trainable_state(hook_model), atol=1e-6)
+
+
+def test_hook_full_fine_tuning_with_ref_model(paths, tmp_path):
+    model = base_model(paths)
+    ref = copy.deepcopy(model)
+    hook = nontarget_kl_loss_func(model, ref_model=ref)
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    batch = collate(toy_token_batches(4, seed=2))
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    assert hook(None, batch["labels"]).item() == pytest.approx(
+        independent_loss(model, batch, ref_model=ref)[0].item(), rel=1e-6)
+    hook.remove()
+
+
+def test_hook_errors(paths, tmp_path):
+    with pytest.raises(TypeError):
+        nontarget_kl_loss_func("model")
+    with pytest.raises(ValueError, match="kl_weight"):
+        nontarget_kl_loss_func(moved_peft_model(paths), kl_weight=-0.1)
+    with pytest.raises(ValueError, match="kl_direction"):
+        nontarget_kl_loss_func(moved_peft_model(paths), kl_direction="up")
+
+    model = moved_peft_model(paths)
+    hook = nontarget_kl_loss_func(model)
+    labels = collate(toy_token_batches(2))["labels"]
+    with pytest.raises(RuntimeError, match="no forward"):
+        hook(None, labels)
+    hook.remove()
+    with pytest.raises(RuntimeError, match="removed"):
+        hook(None, labels)
+
+    merged = moved_peft_model(paths)
+    merged.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        nontarget_kl_loss_func(merged)
+
+    # A plain model may still be wrapped by SFTTrainer(peft_config=...): the check waits for the first step.
+    plain = base_model(paths)
+    hook = nontarget_kl_loss_func(plain)
+    trainer = Trainer(model=plain, args=TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
+                                                          disable_tqdm=True), train_dataset=toy_token_batches(4),
+                      compute_loss_func=hook)
+    with pytest.raises(ValueError, match="ref_model"):
+        trainer.train()
+    hook.remove()
+
+
+def test_subclass_rejects_what_it_does_not_support(paths, tmp_path):
+    tokenizer = tiny_tokenizer(paths / "tokenizer")
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        NonTargetKLSFTTrainer(model=moved_peft_model(paths), args=sft_args(tmp_path), train_dataset=prompt_completion(),
+                              processing_class=tokenizer, compute_loss_func=lambda *a, **k: 0)
+    with pytest.raises(ValueError, match="loss_type"):
+        NonTargetKLSFTTrainer(model=moved_peft_model(paths), args=sft_args(tmp_path, loss_type="dft"),
+                              train_dataset=prompt_completion(), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="ref_model"):
+        NonTargetKLSFTTrainer(model=base_model(paths), args=sft_args(tmp_path), train_dataset=prompt_completion(),
+                              processing_class=tokenizer)
