@@ -352,11 +352,13 @@ def test_no_hooks_left_merge_and_unload_and_plain_peft_load(model_dirs, tmp_path
         torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_full_fine_tuning_with_ref_model(model_dirs, tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_full_fine_tuning_with_ref_model(model_dirs, tmp_path, bf16):
     model = _load_any(model_dirs / "llama")
     ref = copy.deepcopy(model).train()
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path, learning_rate=0.05), train_dataset=DATA,
-                                 ref_model=ref)
+    # bf16: the ref_model runs under the same autocast as the trained model, so the first KL is exactly 0
+    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path, learning_rate=0.05, bf16=bf16),
+                                 train_dataset=DATA, ref_model=ref)
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
     batch = collate(DATA[:4])
     with torch.no_grad():
@@ -387,3 +389,30 @@ def test_bf16_mixed_precision_and_compute_metrics(model_dirs, tmp_path):
     metrics = trainer.evaluate()
     assert seen["shape"][:2] == (4, DATA[0]["input_ids"].shape[0])  # full logits when predictions are asked for
     assert "eval_nontarget_kl" in metrics
+
+
+def test_average_tokens_across_devices_scaling(model_dirs, tmp_path, monkeypatch):
+    # With a token count summed over ranks, each rank's loss is multiplied by the number of ranks (DDP then averages
+    # the gradients), as Trainer.compute_loss does; without a count (evaluation) nothing is scaled.
+    model = peft_model(model_dirs)
+    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path, average_tokens_across_devices=True))
+    batch = collate(DATA[:4])
+    with torch.no_grad():
+        single = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(40))
+        monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 4))
+        scaled = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(40))
+        unscaled = trainer.compute_loss(model, dict(batch))
+    assert scaled.item() == pytest.approx(4 * single.item(), rel=1e-6)
+    assert unscaled.item() == pytest.approx(independent_loss(model, batch)[0].item(), rel=1e-5)
+
+
+def test_num_items_in_batch_counts_shifted_labels(model_dirs, tmp_path):
+    model = peft_model(model_dirs)
+    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path))
+    rows = [dict(r) for r in DATA[:4]]
+    for r in rows:  # supervise position 0 too: it is never a prediction target
+        r["labels"] = r["labels"].clone()
+        r["labels"][0] = r["input_ids"][0]
+    batches = [collate(rows[:2]), collate(rows[2:])]
+    expected = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    assert int(trainer._get_num_items_in_batch(batches, torch.device("cpu"))) == expected
