@@ -159,8 +159,8 @@ class NonTargetKLMixin:
             steps = self.state.global_step - self._kl_window_start
             if steps > 0:
                 sums = self._kl_sums["train"]
-                logs["ce_loss"] = round(self._gathered(sums["ce"]).mean().item() / steps, 6)
-                logs["nontarget_kl"] = round(self._gathered(sums["kl"]).mean().item() / steps, 6)
+                logs["ce_loss"] = self._gathered(sums["ce"]).mean().item() / steps
+                logs["nontarget_kl"] = self._gathered(sums["kl"]).mean().item() / steps
                 self._kl_sums["train"] = self._zero_sums()
                 self._kl_window_start = None
         return super().log(logs, *args, **kwargs)
