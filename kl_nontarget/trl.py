@@ -115,7 +115,12 @@ class NonTargetKLLossFunc:
             self._check()
         self._captured = None
         self._in_base_pass = False
-        self._handle = self.model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self._handles = [self.model.register_forward_pre_hook(self._capture, with_kwargs=True)]
+        embeddings = _input_embeddings(self.model)
+        if embeddings is not None:
+            # Accelerate's mixed precision wraps the outermost forward in autocast, inside the pre-hook above: read
+            # the autocast state where the forward actually runs (no tensors are kept).
+            self._handles.append(embeddings.register_forward_pre_hook(self._note_autocast))
 
     def _check(self):
         check_reference(self.model, self.ref_model)
@@ -126,15 +131,21 @@ class NonTargetKLLossFunc:
     def _capture(self, module, args, kwargs):
         if self._in_base_pass or kwargs.get("fused_lm_head"):
             return None
-        # Accelerate's mixed precision wraps the outermost forward in autocast; replay it around the base pass,
-        # which may call this (inner) module directly.
         device_type = next((v.device.type for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), "cpu")
-        self._captured = (tuple(args), dict(kwargs), device_type, autocast_state(device_type))
+        self._captured = {"args": tuple(args), "kwargs": dict(kwargs), "device_type": device_type,
+                          "autocast": autocast_state(device_type)}
+        return None
+
+    def _note_autocast(self, module, args):
+        captured = self._captured
+        if self._in_base_pass or captured is None:
+            return None
+        captured["autocast"] = autocast_state(captured["device_type"])
         return None
 
     def __call__(self, outputs, labels, num_items_in_batch=None, **_):
         captured, self._captured = self._captured, None
-        if self._handle is None:
+        if not self._handles:
             raise RuntimeError("this loss function was removed (.remove()); create a new one with "
                                "nontarget_kl_loss_func(model, ...)")
         if captured is None:
@@ -142,14 +153,15 @@ class NonTargetKLLossFunc:
                                "the same model (or its PEFT wrapper) to the trainer")
         if not self._checked:
             self._check()
-        args, kwargs, device_type, autocast = captured
-        inputs = dict(kwargs)
+        inputs = dict(captured["kwargs"])
         if labels is not None:
             inputs["labels"] = labels
+        # The base pass runs at the adapted pass's precision: the same autocast, replayed.
+        base_context = autocast_like(captured["device_type"], captured["autocast"])
         self._in_base_pass = True
         try:
             batch = compute_batch_logits(self.model, inputs, ref_model=self.ref_model, adapted_outputs=outputs,
-                                         forward_args=args, base_context=autocast_like(device_type, autocast))
+                                         forward_args=captured["args"], base_context=base_context)
         finally:
             self._in_base_pass = False
         # No `average_tokens_across_devices` scaling here: the Trainer applies it to compute_loss_func's loss.
@@ -158,15 +170,23 @@ class NonTargetKLLossFunc:
                                  num_items_in_batch=num_items_in_batch)
 
     def remove(self):
-        """Detach the forward pre-hook from the model and drop every captured reference."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Detach the forward pre-hooks from the model and drop every captured reference."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self._captured = None
 
     def __repr__(self):
         return (f"NonTargetKLLossFunc(kl_weight={self.kl_weight}, temperature={self.temperature}, "
                 f"kl_direction={self.kl_direction!r}, ref_model={'set' if self.ref_model is not None else None})")
+
+
+def _input_embeddings(model):
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return embeddings if isinstance(embeddings, nn.Module) else None
 
 
 def _first_device(model):
@@ -185,8 +205,9 @@ def nontarget_kl_loss_func(model, *, kl_weight=1.0, temperature=1.0, kl_directio
 
     Returns:
         A callable `(outputs, labels, num_items_in_batch=None) -> loss` with a `.remove()` method that detaches its
-        forward pre-hook from `model`. The hook records the forward inputs of each call (except TRL's
-        `fused_lm_head=True` calls and its own base pass); the loss function consumes them and keeps nothing.
+        forward pre-hooks from `model` (one on the model, one on its input embeddings to read the mixed-precision
+        autocast state). The hook records the forward inputs of each call (except TRL's `fused_lm_head=True` calls
+        and its own base pass); the loss function consumes them and keeps nothing.
 
     Example:
         >>> loss_func = nontarget_kl_loss_func(peft_model, kl_weight=1.0)

@@ -168,7 +168,7 @@ def test_hook_and_subclass_train_identically_in_sft(paths, tmp_path):
 
     plain = base_model(paths)
     hook = nontarget_kl_loss_func(plain, kl_weight=2.0)
-    assert len(hooks_of(hook, plain)) == 1
+    assert len(hooks_of(hook, plain)) == 2  # the inputs, and the autocast state at the input embeddings
     torch.manual_seed(0)
     with pytest.warns(FutureWarning):  # TRL 1.16 deprecates compute_loss_func
         via_hook = SFTTrainer(model=plain, args=sft_args(tmp_path / "b", **common), train_dataset=prompt_completion(),
@@ -181,7 +181,7 @@ def test_hook_and_subclass_train_identically_in_sft(paths, tmp_path):
     assert [log["loss"] for log in via_hook.state.log_history if "loss" in log] == pytest.approx(sub_losses, rel=1e-5)
     before = count_hooks(plain)
     hook.remove()
-    assert count_hooks(plain) == before - 1 and not hooks_of(hook, plain)
+    assert count_hooks(plain) == before - 2 and not hooks_of(hook, plain)
 
 
 def test_hook_on_peft_model_matches_reference_in_sft(paths, tmp_path):
@@ -198,7 +198,7 @@ def test_hook_on_peft_model_matches_reference_in_sft(paths, tmp_path):
     expected = independent_loss(model, batch, kl_weight=0.5, kl_direction="reverse", num_items_in_batch=20)[0]
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     trainer.train()
-    assert len(hooks_of(hook, model)) == 1
+    assert len(hooks_of(hook, model)) == 2
     hook.remove()
     assert not hooks_of(hook, model)
 
@@ -217,6 +217,26 @@ def test_hook_with_transformers_trainer_matches_subclass(paths, tmp_path):
             compute_loss_func=hook).train()
     hook.remove()
     assert_same_state(trainable_state(sub_model), trainable_state(hook_model), atol=1e-6)
+
+
+def test_hook_with_ref_model_under_bf16_matches_subclass(paths, tmp_path):
+    # Full fine-tuning under accelerate's bf16 autocast: the hook replays the autocast around ref_model's pass.
+    data = toy_token_batches(8, seed=4)
+    args = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=0.05, optim="sgd", logging_steps=1,
+                report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, bf16=True)
+    sub_model, hook_model = base_model(paths), base_model(paths)
+    sub = NonTargetKLTrainer(model=sub_model, args=TrainingArguments(str(tmp_path / "a"), **args), train_dataset=data,
+                             ref_model=base_model(paths))
+    sub.train()
+    hook = nontarget_kl_loss_func(hook_model, ref_model=base_model(paths))
+    via_hook = Trainer(model=hook_model, args=TrainingArguments(str(tmp_path / "b"), **args), train_dataset=data,
+                       compute_loss_func=hook)
+    via_hook.train()
+    hook.remove()
+    assert sub.state.log_history[0]["nontarget_kl"] == 0.0
+    assert via_hook.state.log_history[0]["loss"] == sub.state.log_history[0]["ce_loss"]  # KL exactly 0 at first
+    assert [log["loss"] for log in via_hook.state.log_history[:2]] == \
+        pytest.approx([log["loss"] for log in sub.state.log_history[:2]], rel=1e-5)
 
 
 def test_hook_full_fine_tuning_with_ref_model(paths, tmp_path):
