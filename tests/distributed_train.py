@@ -1,0 +1,82 @@
+"""Train a tiny LoRA model with NonTargetKLTrainer for a few SGD steps; run alone or under torchrun.
+
+Used by tests/test_distributed.py: the same global batches (sequential order, per-device batch x processes x
+accumulation = global batch) must give the same LoRA weights in one process as in several. Writes, from rank 0,
+`OUT/weights.pt` (the trainable parameters) and, from every rank, `OUT/logs_rank{R}.json` (the Trainer's log
+history, whose ce_loss / nontarget_kl must be the global values on every rank).
+
+    python tests/distributed_train.py OUT --batch 4 --accum 1
+    torchrun --nproc_per_node 2 tests/distributed_train.py OUT --batch 2 --accum 1
+    torchrun --nproc_per_node 2 tests/distributed_train.py OUT --batch 1 --accum 2 --fsdp
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tiny_models import collate, tiny_llama, toy_token_batches  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--batch", type=int, required=True, help="per-device batch size")
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=24)
+    parser.add_argument("--fsdp", action="store_true", help="shard with accelerate's FSDP plugin (FSDP2)")
+    args = parser.parse_args()
+
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainingArguments
+
+    from kl_nontarget import NonTargetKLTrainer
+
+    class SequentialTrainer(NonTargetKLTrainer):
+        # The same example order in every run: rank r then sees exactly its share of each global batch.
+        def _get_train_sampler(self, *unused, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    torch.use_deterministic_algorithms(True)
+    model = tiny_llama(seed=0)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False)  # random A and B: the KL is non-zero from the first step
+    model = get_peft_model(model, config)
+    data = toy_token_batches(args.examples, seed=3)
+
+    extra = {}
+    if args.fsdp:
+        extra = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
+                                                     "auto_wrap_policy": "NO_WRAP"})
+    training_args = TrainingArguments(
+        output_dir=os.path.join(args.out, "trainer"), per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.accum, max_steps=args.steps, learning_rate=0.5, optim="sgd",
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_drop_last=True,
+        remove_unused_columns=False, ddp_backend="gloo" if "RANK" in os.environ else None, **extra)
+    trainer = SequentialTrainer(model=model, args=training_args, train_dataset=data, data_collator=collate,
+                                kl_weight=1.0)
+    trainer.train()
+
+    rank = trainer.accelerator.process_index
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(p, DTensor) for p in trainer.model.parameters())
+    with open(os.path.join(args.out, f"logs_rank{rank}.json"), "w") as f:
+        json.dump({"world_size": trainer.accelerator.num_processes, "fsdp": trainer.is_fsdp_enabled,
+                   "sharded": sharded, "log_history": trainer.state.log_history}, f)
+    state = trainer.accelerator.get_state_dict(trainer.model)  # gathers sharded (FSDP) parameters
+    if trainer.accelerator.is_main_process:
+        trainable = {k: v.detach().cpu().clone() for k, v in state.items() if "lora_" in k}
+        torch.save(trainable, os.path.join(args.out, "weights.pt"))
+
+
+if __name__ == "__main__":
+    main()
