@@ -132,7 +132,8 @@ class NonTargetKLMixin:
                 self._kl_window_start = self.state.global_step
             # Scaled like the loss the Trainer logs: summed over the micro-batches of a step, it is that step's mean.
             if num_items_in_batch is None:
-                scale = scale / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+                steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+                scale = scale / steps
             weight = scale
         else:
             # Evaluation averages per-batch values weighted by batch size, like `eval_loss`.

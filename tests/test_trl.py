@@ -88,7 +88,8 @@ def count_hooks(model):
 
 
 def hooks_of(loss_func, model):
-    return [h for m in model.modules() for h in m._forward_pre_hooks.values() if getattr(h, "__self__", None) is loss_func]
+    return [h for m in model.modules() for h in m._forward_pre_hooks.values()
+            if getattr(h, "__self__", None) is loss_func]
 
 
 # -- the SFT subclass ----------------------------------------------------------------------------------------------
