@@ -3,7 +3,12 @@
 Same contract as the Triton launcher in `kl_nontarget.loss`: per-row cross-entropy and non-target KL (float32, or
 float64 for float64 inputs) and, when asked, the gradient of `ce + kl_weight * T^2 * kl` times `grad_scale`, in
 the logits' dtype. Rows are processed in chunks so the temporaries stay a few chunk x V tensors; the only N x V
-allocation is the gradient itself. Ignored rows are skipped entirely (their gradient rows stay 0).
+allocation is the gradient itself. Ignored rows are skipped entirely (their gradient rows are 0).
+
+On a CPU the time goes into full passes over chunk x V tensors (and, with several threads, into one OpenMP
+barrier per op): the code keeps their number low. `grad_scale` is folded into per-row factors, the forward
+direction's gradient is two fused passes (`mul_`, `addcmul_`), the KL sum needs no `where`, and when every row is
+supervised the chunks are slices (one copy in, and in float32 the gradient is written in place).
 """
 
 import math
@@ -19,8 +24,11 @@ def _safe(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
 
-def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtype):
-    """Loss statistics (and gradient) for a chunk of valid rows. Returns (ce, kl, grad or None)."""
+def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtype, scale=None, out=None):
+    """Loss statistics (and gradient times `scale`) for a chunk of valid rows. Returns (ce, kl, grad or None).
+
+    `out`, when given, is a contiguous (rows, V) tensor of dtype `cdtype` that becomes the gradient (no copy).
+    """
     inv_t = 1.0 / temperature
     scaled = temperature != 1.0
     idx = y[:, None]
@@ -34,7 +42,7 @@ def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtyp
     m_b = b.amax(1)
     z.sub_(_safe(m_z)[:, None])  # z - max: exact for near-max entries, so +-1e4 logits lose nothing
     b.sub_(_safe(m_b)[:, None])
-    e_z1 = torch.exp(z)
+    e_z1 = torch.exp(z, out=out) if (compute_grad and out is not None) else torch.exp(z)
     s_z1 = e_z1.sum(1)
     if scaled:
         z.mul_(inv_t)
@@ -66,9 +74,10 @@ def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtyp
         weights, s_w = e_bt, s_bt
         const = log_s_zt - log_s_bt
         missing, present = has_q, has_p
-    # 0 * (-inf) from masked entries must count 0, not NaN.
-    terms = torch.where(weights > 0, weights * diff, torch.zeros_like(diff))
-    kl = terms.sum(1) / s_w + const
+    # 0 * (-inf) from masked entries (weight 0, difference -inf or NaN) must count 0: nansum drops those NaNs. A
+    # positive weight times +inf (the other distribution has no mass there) stays +inf.
+    terms = diff.mul(weights) if reverse else diff.mul_(weights)  # the reverse gradient still needs `diff`
+    kl = torch.nansum(terms, 1) / s_w + const
     kl = torch.where(missing, kl, torch.full_like(kl, math.inf))
     kl = torch.where(present, kl, torch.zeros_like(kl)).clamp_min(0.0)
     del terms
@@ -76,26 +85,37 @@ def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtyp
         return ce, kl, None
 
     c = kl_weight * temperature
-    inv_s_zt = torch.where(has_q, 1.0 / s_zt, torch.zeros_like(s_zt))[:, None]
-    inv_s_bt = torch.where(has_p, 1.0 / s_bt, torch.zeros_like(s_bt))[:, None]
-    q = e_zt * inv_s_zt  # a new tensor: e_zt may be e_z1, which becomes the gradient below
-    if reverse:
-        # d KL(q||p) / dz_T = q (log q - log p - KL)
-        log_ratio = diff.add_((log_s_bt - log_s_zt - kl)[:, None])
-        dkl = torch.where(q > 0, q * log_ratio, torch.zeros_like(q))
-        dkl = torch.where(has_p[:, None], dkl, torch.zeros_like(dkl))
-    else:
-        dkl = q.sub_(e_bt.mul_(inv_s_bt))
-    del q, e_bt, diff
+    if scale is None:
+        scale = torch.ones((), dtype=cdtype, device=z.device)
+    inv_s_zt = torch.where(has_q, 1.0 / s_zt, torch.zeros_like(s_zt))
+    inv_s_bt = torch.where(has_p, 1.0 / s_bt, torch.zeros_like(s_bt))
     # softmax over all entries, anchored at max(m_z, z_y) so a dominant gold logit cannot overflow.
     big = torch.maximum(m_z, z_y)
     s_off = s_z1 * torch.exp(m_z - big)
     s_all = s_off + torch.exp(z_y - big)
     factor = torch.where(m_z > float("-inf"), torch.exp(_safe(m_z) - big) / s_all, torch.zeros_like(s_all))
-    grad = e_z1.mul_(factor[:, None])  # softmax(z) off the gold entry
-    grad.add_(dkl, alpha=c)
+    if reverse:
+        # d KL(q||p) / dz_T = q (log q - log p - KL)
+        q = e_zt * inv_s_zt[:, None]  # a new tensor: e_zt may be e_z1, which becomes the gradient below
+        log_ratio = diff.add_((log_s_bt - log_s_zt - kl)[:, None])
+        dkl = torch.where(q > 0, q * log_ratio, torch.zeros_like(q))
+        dkl = torch.where(has_p[:, None], dkl, torch.zeros_like(dkl))
+        del q, e_bt, diff
+        grad = e_z1.mul_((factor * scale)[:, None])  # softmax(z) off the gold entry
+        grad.add_(dkl.mul_(c * scale))
+    else:
+        # softmax(z) off gold + c (q - p), q = e_zt / s_zt, p = e_bt / s_bt: one pass for the first two terms when
+        # T = 1 (then e_zt is e_z1), and one fused multiply-add per remaining term.
+        del diff
+        if scaled:
+            grad = e_z1.mul_((factor * scale)[:, None])
+            grad.addcmul_(e_zt, (c * scale * inv_s_zt)[:, None])
+        else:
+            grad = e_z1.mul_(((factor + c * inv_s_zt) * scale)[:, None])
+        grad.addcmul_(e_bt, (-c * scale * inv_s_bt)[:, None])
+        del e_bt
     # Gold entry: softmax(z)_y - 1 = -(mass off the gold entry), without cancellation; KL part 0.
-    grad.scatter_(1, idx, (-(s_off / s_all))[:, None])
+    grad.scatter_(1, idx, (-(s_off / s_all) * scale)[:, None])
     return ce, kl, grad
 
 
@@ -110,18 +130,34 @@ def nontarget_ce_rows(logits, ref_logits, labels, *, kl_weight, temperature, ign
     cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     ce = torch.zeros(n, dtype=cdtype, device=logits.device)
     kl = torch.zeros(n, dtype=cdtype, device=logits.device)
-    grad = torch.zeros_like(logits) if compute_grad else None
     rows = torch.nonzero(labels != ignore_index).squeeze(1)
+    all_rows = rows.numel() == n
+    grad = None
+    if compute_grad:
+        # Every supervised row is written below; only the ignored ones need zeros.
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if all_rows else \
+            torch.zeros_like(logits, memory_format=torch.contiguous_format)
+    scale = grad_scale.to(device=logits.device, dtype=cdtype)
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_BYTES // (6 * v * (8 if cdtype == torch.float64 else 4)))
+    opts = dict(kl_weight=kl_weight, temperature=temperature, reverse=reverse, compute_grad=compute_grad,
+                cdtype=cdtype, scale=scale)
     for start in range(0, rows.numel(), chunk_rows):
+        if all_rows:  # rows start..stop: slices, and in the compute dtype the gradient is written in place
+            stop = min(start + chunk_rows, n)
+            out = grad[start:stop] if compute_grad and grad.dtype == cdtype else None
+            c_ce, c_kl, c_grad = _rows(logits[start:stop], ref_logits[start:stop], labels[start:stop], out=out,
+                                       **opts)
+            ce[start:stop] = c_ce
+            kl[start:stop] = c_kl
+            if compute_grad and c_grad is not out:
+                grad[start:stop].copy_(c_grad)
+            continue
         r = rows[start:start + chunk_rows]
-        c_ce, c_kl, c_grad = _rows(
-            logits.index_select(0, r), ref_logits.index_select(0, r), labels.index_select(0, r),
-            kl_weight=kl_weight, temperature=temperature, reverse=reverse, compute_grad=compute_grad,
-            cdtype=cdtype)
+        c_ce, c_kl, c_grad = _rows(logits.index_select(0, r), ref_logits.index_select(0, r),
+                                   labels.index_select(0, r), **opts)
         ce.index_copy_(0, r, c_ce)
         kl.index_copy_(0, r, c_kl)
         if compute_grad:
-            grad.index_copy_(0, r, c_grad.mul_(grad_scale.to(cdtype)).to(grad.dtype))
+            grad.index_copy_(0, r, c_grad.to(grad.dtype))
     return ce, kl, grad
