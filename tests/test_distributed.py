@@ -85,3 +85,12 @@ def test_fsdp2_sharded_base_pass_equals_single_process(tmp_path):
     with open(os.path.join(one, "info.json")) as f:
         assert json.load(f)["losses"] == pytest.approx(info["losses"], rel=1e-5)
     assert _max_diff(one, two) < 1e-5
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero3", "DEEPSPEED")])
+def test_example_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = os.path.join(HERE, "..", "examples", "accelerate", f"{name}.yaml")
+    config = ClusterConfig.from_yaml_file(path)
+    assert config.distributed_type.name == kind
