@@ -24,7 +24,8 @@ Examples:
   python benchmarks/bench_kernel.py --N 16384 --V 128256 --dtype bf16
   python benchmarks/bench_kernel.py --device cpu --quick  # tiny CPU smoke run (< 1 min)
   python benchmarks/bench_kernel.py --device cpu --cpu-target  # design target: N=4096, V=32000, fp32 on CPU
-  python benchmarks/bench_kernel.py --device cpu --N 2048 --V 32768 --dtype fp32 --impls kl_nontarget_linear linear_logits
+  python benchmarks/bench_kernel.py --device cpu --N 2048 --V 32768 --dtype fp32 \
+      --impls kl_nontarget_linear linear_logits
 """
 
 from __future__ import annotations
@@ -347,7 +348,8 @@ def parse_args(argv=None):
     p.add_argument("--V", type=int, nargs="+", help="vocabulary sizes (default: 32000 128256 151936 262144)")
     p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), help="default: bf16 fp32")
     p.add_argument("--impls", nargs="+", choices=ALL_IMPLS, help="default depends on the device")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing, at least 2 happen (default 5 GPU, 2 CPU)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls before timing, at least 2 happen (default 5 GPU, 2 CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed calls; the median is reported (default 20 GPU, 3 CPU)")
     p.add_argument("--bandwidth", type=float, default=None, help="peak bandwidth in GB/s instead of measuring it")
     p.add_argument("--kl-weight", type=float, default=1.0)
