@@ -4,19 +4,28 @@ At every supervised token the gold entry is removed from the base and the adapte
 rest renormalised, and `kl_weight * KL(base || adapted)` added to the cross-entropy.
 
 Public API: `nontarget_kl_loss` / `NonTargetKLLoss` (logits in), `nontarget_kl_linear_loss` (hidden states in),
-`NonTargetKLTrainer` (transformers), and in `kl_nontarget.trl`: `NonTargetKLSFTTrainer`, `nontarget_kl_loss_func`.
+`NonTargetKLTrainer` (transformers), `NonTargetKLSFTTrainer` and `nontarget_kl_loss_func` (TRL, also in
+`kl_nontarget.trl`).
 """
 
 from kl_nontarget.linear import nontarget_kl_linear_loss
 from kl_nontarget.loss import NonTargetKLLoss, nontarget_kl_loss
 
-__all__ = ["NonTargetKLLoss", "NonTargetKLTrainer", "nontarget_kl_linear_loss", "nontarget_kl_loss"]
+__all__ = ["NonTargetKLLoss", "NonTargetKLSFTTrainer", "NonTargetKLTrainer", "nontarget_kl_linear_loss",
+           "nontarget_kl_loss", "nontarget_kl_loss_func"]
 __version__ = "0.1.0"
+
+# The trainers pull in transformers and TRL: import them only when asked for.
+_LAZY = {
+    "NonTargetKLTrainer": "kl_nontarget.trainer",
+    "NonTargetKLSFTTrainer": "kl_nontarget.trl",
+    "nontarget_kl_loss_func": "kl_nontarget.trl",
+}
 
 
 def __getattr__(name):
-    # The trainer pulls in transformers: import it only when asked for.
-    if name == "NonTargetKLTrainer":
-        from kl_nontarget.trainer import NonTargetKLTrainer
-        return NonTargetKLTrainer
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'kl_nontarget' has no attribute {name!r}")
