@@ -1,0 +1,111 @@
+"""One LoRA fine-tuning run of the demo, through the real Trainer classes, and its evaluation.
+
+Methods:
+- `lora`: plain cross-entropy, `transformers.Trainer`;
+- `nontarget_kl`: `NonTargetKLTrainer` (CE + kl_weight * KL(base_nontarget || adapted_nontarget));
+- `full_kl`: `FullKLTrainer`, a `NonTargetKLTrainer` subclass whose regularizer is the full-vocabulary
+  KL(base || adapted), the baseline the non-target KL is compared with.
+
+Every run at a given seed starts from the same LoRA initialisation (torch is seeded right before `get_peft_model`)
+and sees the batches in the same order (the Trainer's `seed` / `data_seed`).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from kl_nontarget.demo.data import PadCollator, RowsDataset
+from kl_nontarget.demo.progress import TqdmCallback, quiet_trainer
+from kl_nontarget.metrics import evaluate_lm, forgetting_metrics
+from kl_nontarget.trainer import NonTargetKLTrainer
+
+METHODS = ("lora", "nontarget_kl", "full_kl")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class FullKLTrainer(NonTargetKLTrainer):
+    """CE + kl_weight * T^2 * KL(base || adapted) over the whole vocabulary (the baseline regularizer)."""
+
+    def compute_regularized_loss(self, logits, ref_logits, labels, num_items_in_batch):
+        valid = labels != -100
+        z, b, y = logits[valid].float(), ref_logits[valid].float(), labels[valid]
+        t = self.temperature
+        ce = F.cross_entropy(z, y, reduction="sum")
+        kl = F.kl_div(F.log_softmax(z / t, -1), F.log_softmax(b / t, -1), log_target=True, reduction="sum")
+        denom = valid.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=z.device)
+        denom = denom.to(z.device, torch.float32).clamp_min(1)
+        loss = (ce + self.kl_weight * t * t * kl) / denom
+        return loss, ce.detach() / denom, kl.detach() / denom
+
+
+class ValidationCallback(TrainerCallback):
+    """Evaluates the target loss on a validation loader every `every` steps (for the learning-rate sweep)."""
+
+    def __init__(self, loader, every):
+        self.loader, self.every, self.history = loader, every, []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.history.append((state.global_step, evaluate_lm(model, self.loader, progress=False)["loss"]))
+
+
+def make_lora_model(base_model, seed, r=8, alpha=16):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    return get_peft_model(copy.deepcopy(base_model), config)
+
+
+def finetune(base_model, train_rows, pad_id, *, method, kl_weight, lr, steps, seed, batch_size, lora_r=8,
+             lora_alpha=16, callbacks=(), desc="run", progress=True):
+    """Trains a fresh LoRA adapter on `train_rows` and returns the PEFT model."""
+    from transformers import Trainer, TrainingArguments
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    model = make_lora_model(base_model, seed, lora_r, lora_alpha)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=steps,
+                                 learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                                 logging_strategy="no", save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+                                 disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, remove_unused_columns=False)
+        common = dict(model=model, args=args, train_dataset=RowsDataset(train_rows), data_collator=PadCollator(pad_id))
+        if method == "lora":
+            trainer = Trainer(**common)
+        else:
+            cls = NonTargetKLTrainer if method == "nontarget_kl" else FullKLTrainer
+            trainer = cls(**common, kl_weight=kl_weight)
+        quiet_trainer(trainer)
+        trainer.add_callback(TqdmCallback(desc, disable=not progress))
+        for cb in callbacks:
+            trainer.add_callback(cb)
+        trainer.train()
+    model.eval()
+    return model
+
+
+def evaluate_run(model, test_loader, heldout_loader, progress=False):
+    """Target loss / exact-match accuracy on the task's test split, forgetting on held-out base text."""
+    target = evaluate_lm(model, test_loader, progress=progress, desc="target")
+    forget = forgetting_metrics(model, heldout_loader, progress=progress, desc="forgetting")
+    return {"target_loss": target["loss"], "target_accuracy": target["sequence_accuracy"],
+            "target_token_accuracy": target["accuracy"], "forgetting": forget["lf"], "forgetting_kl": forget["lf_kl"],
+            "retention_ppl": forget["retention_ppl"], "accuracy_drift": forget["accuracy_drift"]}
+
+
+def choose_baseline(history_by_lr, tolerance):
+    """(lr, steps) best for plain LoRA: lowest validation loss, then the fewest steps within `tolerance` of it.
+
+    `history_by_lr` maps lr -> [(step, val_loss)]. Fewer steps at an equal loss favours the baseline (less drift).
+    """
+    points = [(loss, step, lr) for lr, hist in history_by_lr.items() for step, loss in hist]
+    best = min(p[0] for p in points)
+    ok = [p for p in points if p[0] <= best + tolerance]
+    loss, step, lr = min(ok, key=lambda p: (p[1], p[0]))
+    return lr, step, loss
