@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="kl-nontarget-demo", metavar="DIR", help="output folder (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="a smaller run (under a minute on 2 cores)")
     demo.add_argument("--seeds", type=int, default=None, metavar="N",
-                      help="seeds per setting (default: 2, or 1 with --quick)")
+                      help="seeds per setting (default: 1; more seeds make the comparison more reliable)")
     demo.add_argument("--cache-dir", default=None, metavar="DIR",
                       help="where the pretrained base model is cached (default: $KL_NONTARGET_CACHE or "
                       "~/.cache/kl-nontarget)")

@@ -9,10 +9,12 @@ LABELS = {"lora": "plain LoRA", "nontarget_kl": "+ non-target KL", "full_kl": "+
 
 
 def plot_frontier(results, path):
+    """Writes the frontier plot of a results dict (as in results.json) to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     base = results["base"]
     entropy = base["entropy"]
@@ -41,8 +43,11 @@ def plot_frontier(results, path):
         if t:
             ax.plot([0.0], [t["target_loss"]], "s", color="gray", ms=8, label="base model (no fine-tuning)")
         ax.set_yscale("log")
-        ax.set_xlabel("forgetting: Lf − H(base) = KL(base ‖ fine-tuned) on held-out base text (nats/token)")
-        ax.set_ylabel("target loss on held-out task examples (nats/token, log)")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_xlabel("forgetting: Lf − H(base) = KL(base ‖ fine-tuned), held-out base text")
+        ax.set_ylabel("target loss, held-out task examples (log)")
         ax.set_title(f"task '{task}'" + (f"  (lr {t['lr']:g}, {t['steps']} steps)" if t else ""))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
