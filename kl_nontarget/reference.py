@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -394,14 +395,7 @@ def compute_batch_logits(model: nn.Module, inputs: dict, *, ref_model: nn.Module
     Returns:
         A `BatchLogits` whose rows are the positions with a supervised next token (labels[:, 1:] != -100).
     """
-    target = shifted_labels(inputs, labels)
-    mask = target != IGNORE_INDEX
-    kwargs = forward_kwargs(inputs)
-    ids = kwargs.get("input_ids")
-    if isinstance(ids, torch.Tensor) and ids.shape != target.shape:
-        raise ValueError(f"labels shape {tuple(target.shape)} does not match input_ids shape {tuple(ids.shape)}")
-    if "use_cache" not in kwargs and _accepts_kwarg(model, "use_cache"):
-        kwargs["use_cache"] = False
+    target, mask, kwargs = _batch_parts(model, inputs, labels)
 
     if adapted_outputs is None:
         adapted_kwargs = dict(kwargs)
@@ -432,6 +426,19 @@ def compute_batch_logits(model: nn.Module, inputs: dict, *, ref_model: nn.Module
     return BatchLogits(logits=logits, ref_logits=ref_logits, labels=target[mask], outputs=adapted_outputs)
 
 
+def _batch_parts(model: nn.Module, inputs: dict, labels: torch.Tensor | None):
+    """(shifted labels (B, T), supervised mask (B, T), forward kwargs) of a batch, validated."""
+    target = shifted_labels(inputs, labels)
+    mask = target != IGNORE_INDEX
+    kwargs = forward_kwargs(inputs)
+    ids = kwargs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.shape != target.shape:
+        raise ValueError(f"labels shape {tuple(target.shape)} does not match input_ids shape {tuple(ids.shape)}")
+    if "use_cache" not in kwargs and _accepts_kwarg(model, "use_cache"):
+        kwargs["use_cache"] = False
+    return target, mask, kwargs
+
+
 def _logits_of(outputs: Any) -> torch.Tensor:
     if isinstance(outputs, dict) and "logits" in outputs:
         return outputs["logits"]
@@ -451,3 +458,274 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _to_device(kwargs: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Final hidden states of one batch (the fused-linear path)
+#
+# When the LM head is a plain nn.Linear and the logit transform of the architecture is known, the loss can take the
+# final hidden states of both passes and the head's weight (`kl_nontarget.linear.nontarget_kl_linear_loss`) instead
+# of two N x V logits tensors. The hidden states are taken where the model itself hands them to its head: a forward
+# pre-hook on the head keeps the head's input and lets the head project the last position only. The model is called
+# exactly as on the logits path, through every wrapper (DDP, accelerate's mixed-precision autocast, PEFT, TRL's
+# instance patch), so the adapted hidden states carry their graph and the autocast state is read where the head runs.
+
+FUSED_LINEAR_OPTIONS = (True, False, "auto")
+
+
+def _plain(model):
+    return 1.0, None
+
+
+def _softcapped(model):
+    return 1.0, getattr(model.config, "final_logit_softcapping", None)
+
+
+def _cohere(model):
+    return getattr(model, "logit_scale", model.config.logit_scale), None
+
+
+def _granite(model):
+    return 1.0 / model.config.logits_scaling, None
+
+
+# CausalLM classes whose forward computes `logits = softcap * tanh(logit_scale * lm_head(hidden) / softcap)` (no tanh
+# without a soft-cap) from the hidden states it passes to `lm_head`, and how to read (logit_scale, softcap). Each entry
+# is checked against the model's own logits on a tiny model built from its config (tests/test_fused_trainer.py).
+HEAD_TRANSFORMS = {
+    "LlamaForCausalLM": _plain,
+    "MistralForCausalLM": _plain,
+    "Qwen2ForCausalLM": _plain,
+    "Qwen3ForCausalLM": _plain,
+    "GemmaForCausalLM": _plain,
+    "PhiForCausalLM": _plain,  # a head with a bias
+    "Phi3ForCausalLM": _plain,
+    "Gemma2ForCausalLM": _softcapped,  # final_logit_softcapping
+    "Gemma3ForCausalLM": _softcapped,
+    "CohereForCausalLM": _cohere,  # logits * logit_scale
+    "GraniteForCausalLM": _granite,  # logits / logits_scaling
+}
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """A model's LM head (a plain nn.Linear) and its logit transform `softcap * tanh(logit_scale * x / softcap)`."""
+
+    module: nn.Linear
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+def _is_trl_fused_forward(func) -> bool:
+    code = getattr(getattr(func, "__func__", func), "__code__", None)
+    return code is not None and code.co_name == "_fused_forward"
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def linear_head(model: nn.Module) -> tuple[LinearHead | None, str]:
+    """`(LinearHead, "")` when the fused-linear loss can reproduce `model`'s logits from its final hidden states, else
+    `(None, reason)`.
+
+    Requires an architecture of `HEAD_TRANSFORMS` whose forward is transformers' own (not replaced by a patch other
+    than TRL's `fused_lm_head` one, which leaves ordinary calls alone), and an LM head that is exactly `nn.Linear`:
+    LoRA or `modules_to_save` on the head, quantized heads and custom heads take the logits path.
+    """
+    base = transformers_model(model)
+    cls = type(base)
+    reader = HEAD_TRANSFORMS.get(cls.__name__)
+    if reader is None or not cls.__module__.startswith("transformers."):
+        return None, (f"{cls.__name__} is not one of the architectures whose logit transform is known "
+                      f"({', '.join(sorted(HEAD_TRANSFORMS))})")
+    if getattr(cls.forward, "__module__", None) != cls.__module__:
+        return None, f"{cls.__name__}.forward is patched (by {getattr(cls.forward, '__module__', '?')})"
+    patched = base.__dict__.get("forward")
+    if patched is not None and not _is_trl_fused_forward(patched):
+        return None, f"the forward of this {cls.__name__} instance is patched"
+    try:
+        head = base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    if type(head) is not nn.Linear:
+        return None, (f"its LM head is a {type(head).__name__}, not a plain torch.nn.Linear (LoRA or modules_to_save "
+                      "on lm_head, or a quantized head)")
+    weight = head.weight
+    if weight.device.type == "meta":
+        return None, "its LM head weight is offloaded (meta device)"
+    if hasattr(weight, "ds_id") and weight.requires_grad:
+        return None, "its LM head is trainable and partitioned by DeepSpeed ZeRO-3"
+    try:
+        logit_scale, softcap = reader(base)
+    except (AttributeError, TypeError, ZeroDivisionError) as error:
+        return None, f"its logit transform could not be read from the config ({error})"
+    if not _positive(logit_scale) or not (softcap is None or _positive(softcap)):
+        return None, f"unsupported logit transform (logit_scale={logit_scale!r}, softcap={softcap!r})"
+    return LinearHead(head, float(logit_scale), None if softcap is None else float(softcap)), ""
+
+
+def fused_heads(model: nn.Module, ref_model: nn.Module | None = None
+                ) -> tuple[tuple[LinearHead, LinearHead] | None, str]:
+    """`((head, ref_head), "")` when both passes can use the fused-linear loss, else `(None, reason)`.
+
+    Without `ref_model` the base pass (adapters disabled) uses the same head. A `ref_model` needs a plain linear head
+    with the same transform and shape, on the same device, and no bias unless it is the same tensor (the loss shares
+    one bias between the passes).
+    """
+    found, reason = linear_head(model)
+    if found is None:
+        return None, reason
+    if ref_model is None:
+        return (found, found), ""
+    ref, reason = linear_head(ref_model)
+    if ref is None:
+        return None, "ref_model: " + reason
+    if (ref.logit_scale, ref.softcap) != (found.logit_scale, found.softcap):
+        return None, "ref_model transforms its logits differently from the model"
+    w, rw = found.module.weight, ref.module.weight
+    if rw.shape != w.shape or rw.device != w.device:
+        return None, "ref_model's LM head differs in shape or device from the model's"
+    if (found.module.bias is not None or ref.module.bias is not None) and found.module.bias is not ref.module.bias:
+        return None, "the LM heads have biases that are not shared"
+    return (found, ref), ""
+
+
+class _HeadInput:
+    """Forward pre-hook on an LM head: keeps the head's input and lets it project only the last position."""
+
+    def __init__(self):
+        self.hidden = None
+        self.autocast = (False, None)
+        self.calls = 0
+
+    def __call__(self, module, args):
+        x = args[0]
+        self.calls += 1
+        self.hidden = x
+        self.autocast = autocast_state(x.device.type)
+        return (x[..., -1:, :].detach(), *args[1:])
+
+    def take(self, source: str) -> torch.Tensor:
+        if self.calls != 1:
+            raise RuntimeError(f"{source} called its LM head {self.calls} times in one forward (expected once); pass "
+                               "fused_linear=False to use the logits")
+        hidden, self.hidden = self.hidden, None
+        return hidden
+
+
+@contextlib.contextmanager
+def head_input_captured(head: nn.Module):
+    """Within the context, calls of `head` record their input (`.hidden`, `.autocast`) and return last-position logits.
+    """
+    capture = _HeadInput()
+    handle = head.register_forward_pre_hook(capture)
+    try:
+        yield capture
+    finally:
+        handle.remove()
+
+
+def select_hidden(hidden: torch.Tensor, mask: torch.Tensor, *, source: str = "the model") -> torch.Tensor:
+    """The (N, d) rows of the head's input (B, T, d) at the True positions of `mask` (B, T)."""
+    if hidden.dim() == 3 and hidden.shape[:2] == mask.shape:
+        return hidden[mask.to(hidden.device)]
+    raise ValueError(f"{source} passed hidden states of shape {tuple(hidden.shape)} to its LM head, which do not "
+                     f"match the batch {tuple(mask.shape)}; pass fused_linear=False")
+
+
+@dataclass
+class BatchHidden:
+    """Adapted and base final hidden states on the supervised positions of a batch, the heads and the gold labels."""
+
+    hidden: torch.Tensor  # (N, d), adapted model, carries the gradient
+    ref_hidden: torch.Tensor  # (N, d), base model, no gradient, on hidden's device
+    labels: torch.Tensor  # (N,), gold ids, all != -100
+    head: LinearHead
+    ref_head: LinearHead
+    autocast: tuple  # (enabled, dtype) where the adapted model called its head: the head's precision
+    outputs: Any  # the adapted model's outputs (their logits cover the last position only)
+
+
+def compute_batch_hidden(model: nn.Module, inputs: dict, heads: tuple[LinearHead, LinearHead], *,
+                         ref_model: nn.Module | None = None, unwrapped: nn.Module | None = None,
+                         labels: torch.Tensor | None = None, forward_args: tuple = (),
+                         base_context: contextlib.AbstractContextManager | None = None,
+                         adapted_hidden: torch.Tensor | None = None, adapted_autocast: tuple = (False, None),
+                         adapted_outputs: Any = None) -> BatchHidden:
+    """`compute_batch_logits` for the fused-linear path: final hidden states of both passes instead of logits.
+
+    `heads` comes from `fused_heads(model, ref_model)`. `adapted_hidden` (B, T, d) and `adapted_autocast` are the
+    head input and autocast state of an adapted forward already run on `inputs` (the `compute_loss_func` hook);
+    otherwise the adapted pass runs here. The other arguments are those of `compute_batch_logits`.
+    """
+    target, mask, kwargs = _batch_parts(model, inputs, labels)
+    head, ref_head = heads
+    if adapted_hidden is None:
+        with head_input_captured(head.module) as capture:
+            adapted_outputs = model(*forward_args, **kwargs)
+        adapted_hidden, adapted_autocast = capture.take("the model"), capture.autocast
+    hidden = select_hidden(adapted_hidden, mask, source="the model")
+
+    base_kwargs, base_mask = kwargs, mask
+    if ref_model is not None:
+        base_kwargs = _to_device(kwargs, _device_of(ref_model))
+        base_mask = mask.to(_device_of(ref_model))
+    source = "ref_model" if ref_model is not None else "the base model"
+    with head_input_captured(ref_head.module) as capture:
+        base_forward(model, base_kwargs, ref_model=ref_model, forward_args=forward_args, unwrapped=unwrapped,
+                     context=base_context)
+    ref_hidden = select_hidden(capture.take(source), base_mask, source=source).to(hidden.device)
+    return BatchHidden(hidden=hidden, ref_hidden=ref_hidden, labels=target[mask.to(target.device)], head=head,
+                       ref_head=ref_head, autocast=adapted_autocast, outputs=adapted_outputs)
+
+
+@contextlib.contextmanager
+def _zero3_gathered(params):
+    """DeepSpeed ZeRO-3: gather the partitioned `params` (read-only) for the enclosed code. Untested here."""
+    parts = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    gather = None
+    if parts:
+        try:
+            from deepspeed.zero import GatheredParameters
+        except ImportError:  # pragma: no cover - ds_id without deepspeed
+            GatheredParameters = None
+        if GatheredParameters is not None:
+            gather = GatheredParameters(parts, modifier_rank=None)
+    with gather if gather is not None else contextlib.nullcontext():
+        yield
+
+
+def _full(t):
+    """A whole tensor from an FSDP2-sharded DTensor parameter (differentiable), others as they are."""
+    if t is not None and hasattr(t, "full_tensor") and type(t).__name__ == "DTensor":
+        return t.full_tensor()
+    return t
+
+
+@contextlib.contextmanager
+def head_tensors(batch: BatchHidden):
+    """The tensor arguments of `nontarget_kl_linear_loss` for `batch`, at the precision of the model's head.
+
+    Yields a dict with hidden, ref_hidden, weight, bias, ref_weight, logit_scale, softcap and labels, all on the head's
+    device. Under mixed-precision autocast the head would run in the autocast dtype, so everything is cast to it (the
+    casts are differentiable); otherwise to the adapted hidden states' dtype. DeepSpeed ZeRO-3 partitioned head
+    weights are gathered for the duration of the context, FSDP2 DTensor weights are gathered to whole tensors.
+    """
+    head, ref_head = batch.head.module, batch.ref_head.module
+    shared = ref_head is head
+    params = [head.weight, head.bias] + ([] if shared else [ref_head.weight])
+    with _zero3_gathered(params):
+        weight, bias = _full(head.weight), _full(head.bias)
+        ref_weight = None if shared else _full(ref_head.weight).detach()
+        enabled, dtype = batch.autocast
+        if not enabled or dtype is None or not batch.hidden.is_floating_point():
+            dtype = batch.hidden.dtype
+        device = weight.device
+
+        def cast(t):
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        yield {"hidden": cast(batch.hidden), "ref_hidden": cast(batch.ref_hidden), "weight": cast(weight),
+               "bias": cast(bias), "ref_weight": cast(ref_weight), "logit_scale": batch.head.logit_scale,
+               "softcap": batch.head.softcap, "labels": batch.labels.to(device)}

@@ -5,6 +5,10 @@ The logic lives in `NonTargetKLMixin`, shared with `kl_nontarget.trl.NonTargetKL
 - `compute_loss` gets (adapted logits, base logits, shifted labels) on the supervised positions from
   `reference.compute_batch_logits`, then calls `compute_regularized_loss`, the method a subclass overrides to change
   the regularizer (it receives already shifted and selected rows);
+- with a plain linear LM head whose logit transform is known (`reference.linear_head`), the loss takes the final
+  hidden states of both passes and the head's weight instead (`fused_linear`, see `NonTargetKLTrainer`), so no
+  N x V logits exist; the logits path remains for evaluation with predictions, for subclasses that override
+  `compute_regularized_loss`, and for other heads;
 - the loss is normalised by the Trainer's `num_items_in_batch` (the shifted-label count over the accumulation window
   and the ranks), so accumulation and data parallelism give the gradients of one big batch;
 - `ce_loss` and `nontarget_kl` are logged at every logging step (averaged over the window and the ranks, like
@@ -14,21 +18,26 @@ The logic lives in `NonTargetKLMixin`, shared with `kl_nontarget.trl.NonTargetKL
 from __future__ import annotations
 
 import math
+import warnings
 from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from kl_nontarget.linear import nontarget_kl_linear_loss
 from kl_nontarget.loss import nontarget_kl_loss
-from kl_nontarget.reference import IGNORE_INDEX, check_reference, compute_batch_logits, prepare_ref_model, \
-    shifted_labels
+from kl_nontarget.reference import FUSED_LINEAR_OPTIONS, IGNORE_INDEX, BatchHidden, check_reference, \
+    compute_batch_hidden, compute_batch_logits, fused_heads, head_tensors, prepare_ref_model, shifted_labels
 
 KL_DIRECTIONS = ("forward", "reverse")
 
 
-def check_options(kl_weight, temperature, kl_direction) -> None:
+def check_options(kl_weight, temperature, kl_direction, fused_linear="auto") -> None:
     """TypeError/ValueError for bad regularizer options (shared by the trainers and the hook)."""
+    if not (fused_linear is True or fused_linear is False or (isinstance(fused_linear, str)
+                                                               and fused_linear in FUSED_LINEAR_OPTIONS)):
+        raise ValueError(f"fused_linear must be True, False or 'auto', got {fused_linear!r}")
     for name, value in (("kl_weight", kl_weight), ("temperature", temperature)):
         if isinstance(value, bool) or not isinstance(value, Real):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -46,14 +55,25 @@ class NonTargetKLMixin:
     Call `_init_nontarget_kl(...)` at the end of `__init__`.
     """
 
-    def _init_nontarget_kl(self, *, kl_weight, temperature, kl_direction, ref_model):
-        check_options(kl_weight, temperature, kl_direction)
+    def _init_nontarget_kl(self, *, kl_weight, temperature, kl_direction, ref_model, fused_linear="auto"):
+        check_options(kl_weight, temperature, kl_direction, fused_linear)
         self.kl_weight = float(kl_weight)
         self.temperature = float(temperature)
         self.kl_direction = kl_direction
+        self.fused_linear = fused_linear
         if self.model is not None:
             check_reference(self.model, ref_model)
         self.ref_model = None if ref_model is None else prepare_ref_model(ref_model, self.args.device)
+        self._loss_only_prediction = False
+        if fused_linear is True:
+            if self._overrides_regularized_loss():
+                raise ValueError(f"fused_linear=True: {type(self).__name__} overrides compute_regularized_loss, which "
+                                 "takes logits; use fused_linear='auto' or False")
+            if self.model is not None:
+                heads, reason = fused_heads(self.model, self.ref_model)
+                if heads is None:
+                    raise ValueError(f"fused_linear=True, but the fused-linear loss cannot be used: {reason}. Use "
+                                     "fused_linear='auto' to fall back to the logits")
         # The loss is normalised by `num_items_in_batch`: ask the Trainer to count the tokens of the accumulation
         # window (and not to divide the loss by the accumulation steps again).
         self.model_accepts_loss_kwargs = True
@@ -80,6 +100,36 @@ class NonTargetKLMixin:
                                  kl_direction=self.kl_direction, num_items_in_batch=num_items_in_batch,
                                  return_components=True)
 
+    def compute_fused_loss(self, batch: BatchHidden, num_items_in_batch):
+        """(loss, ce, kl) of `compute_regularized_loss` from final hidden states and the LM head (no N x V logits)."""
+        with head_tensors(batch) as tensors:
+            return nontarget_kl_linear_loss(
+                tensors["hidden"], tensors["ref_hidden"], tensors["weight"], tensors["labels"], bias=tensors["bias"],
+                ref_weight=tensors["ref_weight"], logit_scale=tensors["logit_scale"], softcap=tensors["softcap"],
+                kl_weight=self.kl_weight, temperature=self.temperature, kl_direction=self.kl_direction,
+                num_items_in_batch=num_items_in_batch, return_components=True)
+
+    def _overrides_regularized_loss(self):
+        return type(self).compute_regularized_loss is not NonTargetKLMixin.compute_regularized_loss
+
+    def _fused_heads(self, model, needs_logits):
+        """The (head, ref_head) pair when this loss call takes the fused-linear path, else None."""
+        if self.fused_linear is False or needs_logits or self._overrides_regularized_loss():
+            return None
+        heads, reason = fused_heads(self.accelerator.unwrap_model(model), self.ref_model)
+        if heads is None and self.fused_linear is True and not getattr(self, "_fused_fallback_warned", False):
+            self._fused_fallback_warned = True
+            warnings.warn(f"fused_linear=True, but this step uses the logits: {reason}", UserWarning, stacklevel=3)
+        return heads
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Trainer.prediction_step asks compute_loss for the outputs even when it keeps only the loss: tell it.
+        self._loss_only_prediction = bool(prediction_loss_only)
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            self._loss_only_prediction = False
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         if "labels" not in inputs and "shift_labels" not in inputs:
             raise ValueError(f"{type(self).__name__} needs 'labels' in every batch (use a collator that builds "
@@ -87,11 +137,21 @@ class NonTargetKLMixin:
         # The PEFT base pass calls `model` itself, so accelerate's mixed-precision wrapper applies to both passes; a
         # separate ref_model gets the same autocast explicitly.
         base_context = self.accelerator.autocast() if self.ref_model is not None else None
-        batch = compute_batch_logits(model, inputs, ref_model=self.ref_model,
-                                     unwrapped=self.accelerator.unwrap_model(model),
-                                     use_logits_mask=not return_outputs, base_context=base_context)
-        loss, ce, kl = self.compute_regularized_loss(batch.logits, batch.ref_logits, batch.labels,
-                                                     num_items_in_batch)
+        unwrapped = self.accelerator.unwrap_model(model)
+        needs_logits = return_outputs and not self._loss_only_prediction
+        heads = self._fused_heads(model, needs_logits)
+        if heads is not None:
+            batch = compute_batch_hidden(model, inputs, heads, ref_model=self.ref_model, unwrapped=unwrapped,
+                                         base_context=base_context)
+            loss, ce, kl = self.compute_fused_loss(batch, num_items_in_batch)
+            # prediction_step with prediction_loss_only keeps the loss only; the logits were never built.
+            outputs = {"loss": loss.detach()}
+        else:
+            batch = compute_batch_logits(model, inputs, ref_model=self.ref_model, unwrapped=unwrapped,
+                                         use_logits_mask=not return_outputs, base_context=base_context)
+            loss, ce, kl = self.compute_regularized_loss(batch.logits, batch.ref_logits, batch.labels,
+                                                         num_items_in_batch)
+            outputs = batch.outputs
         scale = 1.0
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As Trainer.compute_loss: the count covers every rank and DDP averages the gradients (design.md §1).
@@ -100,10 +160,11 @@ class NonTargetKLMixin:
             loss = loss * scale
         self._record_components(ce, kl, scale, num_items_in_batch, inputs, model)
         self._after_loss(batch, inputs, model)
-        return (loss, batch.outputs) if return_outputs else loss
+        return (loss, outputs) if return_outputs else loss
 
     def _after_loss(self, batch, inputs, model):
-        """Hook for subclasses (the SFT subclass computes TRL's metrics here)."""
+        """Hook for subclasses (the SFT subclass computes TRL's metrics here); `batch` is a `reference.BatchLogits`
+        or, on the fused-linear path, a `reference.BatchHidden`."""
 
     # -- counting tokens -----------------------------------------------------------------------------------------
 
@@ -192,9 +253,18 @@ class NonTargetKLTrainer(NonTargetKLMixin, Trainer):
         temperature: temperature of both non-target distributions (the KL is scaled by T^2).
         kl_direction: "forward" for KL(base || adapted) (default), "reverse" for KL(adapted || base).
         ref_model: a frozen base model; required when `model` is not a PEFT model.
+        fused_linear: "auto" (default): when the model's LM head is a plain `nn.Linear` and its architecture's logit
+            transform is known (`reference.HEAD_TRANSFORMS`: Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi, Phi3, Cohere,
+            Granite), compute the loss from the final hidden states of both passes and the head's weight
+            (`nontarget_kl_linear_loss`), in chunks, without the N x V logits; otherwise use the logits. True:
+            the same, but raise at construction when the model does not qualify. False: always the logits. The
+            logits are also used when evaluation needs predictions (`compute_metrics`), and when a subclass
+            overrides `compute_regularized_loss`. Both paths give the same loss and gradients up to float rounding.
     """
 
-    def __init__(self, *args, kl_weight=1.0, temperature=1.0, kl_direction="forward", ref_model=None, **kwargs):
+    def __init__(self, *args, kl_weight=1.0, temperature=1.0, kl_direction="forward", ref_model=None,
+                 fused_linear="auto", **kwargs):
+        check_options(kl_weight, temperature, kl_direction, fused_linear)
         super().__init__(*args, **kwargs)
         self._init_nontarget_kl(kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
-                                ref_model=ref_model)
+                                ref_model=ref_model, fused_linear=fused_linear)

@@ -7,6 +7,11 @@ assistant-only labels, packing, padding-free), TRL's `peft_config=` path, its me
 `nontarget_kl_loss_func(model, ...)` returns a callable for `compute_loss_func=` of `transformers.Trainer` or
 `trl.SFTTrainer`. It captures the forward inputs with a forward pre-hook on `model`, ignoring TRL's
 `fused_lm_head=True` calls and its own base pass, and holds no tensors between steps. Call `.remove()` when done.
+
+Both use the fused-linear loss (final hidden states and the LM head, no N x V logits; `fused_linear=`) when the
+model qualifies (`kl_nontarget.reference.linear_head`). TRL's own fused LM head runs the backbone inside the model's
+forward and reads the head's weight; here the hidden states are likewise taken inside the forward, where the model
+hands them to its head (a pre-hook on the head), so every wrapper and TRL's patch stay in place.
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 import trl
 from torch import nn
 
+from kl_nontarget.linear import default_chunk_size, nontarget_kl_linear_loss
 from kl_nontarget.loss import nontarget_kl_loss
-from kl_nontarget.reference import autocast_like, autocast_state, check_reference, compute_batch_logits, \
-    has_adapters, is_peft_model, prepare_ref_model, unwrap_model
+from kl_nontarget.reference import BatchHidden, _HeadInput, autocast_like, autocast_state, check_reference, \
+    compute_batch_hidden, compute_batch_logits, fused_heads, has_adapters, head_tensors, is_peft_model, \
+    prepare_ref_model, unwrap_model
 from kl_nontarget.trainer import NonTargetKLMixin, check_options
 
 __all__ = ["NonTargetKLSFTTrainer", "nontarget_kl_loss_func", "NonTargetKLLossFunc"]
@@ -40,14 +48,16 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
 
     Args:
         *args, **kwargs: the usual `SFTTrainer` arguments, `peft_config=` included (SFTTrainer then wraps the model).
-        kl_weight, temperature, kl_direction, ref_model: as for `kl_nontarget.NonTargetKLTrainer`.
+        kl_weight, temperature, kl_direction, ref_model, fused_linear: as for `kl_nontarget.NonTargetKLTrainer`.
 
-    Logs `ce_loss` and `nontarget_kl` next to SFT's `entropy`, `mean_token_accuracy` and `num_tokens`. Only the
-    "nll" loss type is supported; the MoE router auxiliary loss is not added.
+    Logs `ce_loss` and `nontarget_kl` next to SFT's `entropy`, `mean_token_accuracy` and `num_tokens` (on the
+    fused-linear path the last two are computed from the hidden states in chunks). Only the "nll" loss type is
+    supported; the MoE router auxiliary loss is not added.
     """
 
-    def __init__(self, *args, kl_weight=1.0, temperature=1.0, kl_direction="forward", ref_model=None, **kwargs):
-        check_options(kl_weight, temperature, kl_direction)
+    def __init__(self, *args, kl_weight=1.0, temperature=1.0, kl_direction="forward", ref_model=None,
+                 fused_linear="auto", **kwargs):
+        check_options(kl_weight, temperature, kl_direction, fused_linear)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("NonTargetKLSFTTrainer computes its own loss; do not pass compute_loss_func (use "
                              "trl.SFTTrainer with compute_loss_func=nontarget_kl_loss_func(...) for the hook form)")
@@ -61,7 +71,7 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
                           stacklevel=2)
         _remove_fused_lm_head(self.model)
         self._init_nontarget_kl(kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
-                                ref_model=ref_model)
+                                ref_model=ref_model, fused_linear=fused_linear)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         return NonTargetKLMixin.compute_loss(self, model, inputs, return_outputs=return_outputs,
@@ -73,15 +83,10 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
             return
         mode = "train" if model.training else "eval"
         with torch.no_grad():
-            logits = batch.logits.detach()
-            entropy = logits.new_zeros((), dtype=torch.float32)
-            correct = logits.new_zeros((), dtype=torch.float32)
-            for start in range(0, logits.shape[0], 1024):  # chunks keep the float32 copy small
-                chunk = logits[start:start + 1024].float()
-                logp = torch.log_softmax(chunk, dim=-1)
-                entropy += -(logp.exp() * logp).sum()
-                correct += (chunk.argmax(-1) == batch.labels[start:start + 1024]).sum()
-            count = torch.tensor(float(logits.shape[0]), device=logits.device)
+            if isinstance(batch, BatchHidden):
+                entropy, correct, count = _hidden_statistics(batch)
+            else:
+                entropy, correct, count = _logits_statistics(batch.logits.detach(), batch.labels)
             stats = self.accelerator.gather_for_metrics(torch.stack([entropy, correct, count]).reshape(1, 3)).sum(0)
         n = stats[2].item()
         metrics[mode]["entropy"].append(stats[0].item() / n if n > 0 else 0.0)
@@ -97,16 +102,52 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
             metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
 
+def _logits_statistics(logits, labels, stats=None):
+    """Sums of the entropy and of the top-1 hits over the rows of `logits` (float32), and the row count."""
+    if stats is None:
+        stats = [logits.new_zeros((), dtype=torch.float32) for _ in range(3)]
+    for start in range(0, logits.shape[0], 1024):  # chunks keep the float32 copy small
+        chunk = logits[start:start + 1024].float()
+        logp = torch.log_softmax(chunk, dim=-1)
+        stats[0] += -(logp.exp() * logp).sum()
+        stats[1] += (chunk.argmax(-1) == labels[start:start + 1024]).sum()
+    stats[2] += logits.shape[0]
+    return stats
+
+
+def _hidden_statistics(batch):
+    """`_logits_statistics` of the adapted logits, rebuilt from the hidden states a chunk at a time."""
+    with head_tensors(batch) as t:
+        hidden, weight, bias = t["hidden"].detach(), t["weight"].detach(), t["bias"]
+        bias = None if bias is None else bias.detach()
+        scale, softcap, labels = t["logit_scale"], t["softcap"], t["labels"]
+        stats = [hidden.new_zeros((), dtype=torch.float32) for _ in range(3)]
+        chunk = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device, softcap=softcap)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                logits = F.linear(hidden[start:start + chunk], weight, bias)
+                if softcap is not None:
+                    logits = (torch.tanh(logits.float() * (scale / softcap)) * softcap).to(hidden.dtype)
+                elif scale != 1.0:
+                    logits = logits * scale
+                _logits_statistics(logits, labels[start:start + chunk], stats)
+                del logits
+    return stats
+
+
 class NonTargetKLLossFunc:
     """`compute_loss_func` for transformers.Trainer / trl.SFTTrainer; see `nontarget_kl_loss_func`."""
 
-    def __init__(self, model, *, kl_weight=1.0, temperature=1.0, kl_direction="forward", ref_model=None):
-        check_options(kl_weight, temperature, kl_direction)
+    def __init__(self, model, *, kl_weight=1.0, temperature=1.0, kl_direction="forward", ref_model=None,
+                 fused_linear="auto"):
+        check_options(kl_weight, temperature, kl_direction, fused_linear)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.kl_weight = float(kl_weight)
         self.temperature = float(temperature)
         self.kl_direction = kl_direction
+        self.fused_linear = fused_linear
+        self._head = None  # (heads, _HeadInput, hook handle) of the adapted forward in flight on the fused path
         self.model = unwrap_model(model)
         self.ref_model = ref_model
         self._checked = False
@@ -115,6 +156,11 @@ class NonTargetKLLossFunc:
             self._check()
         self._captured = None
         self._in_base_pass = False
+        if fused_linear is True and (ref_model is not None or has_adapters(self.model)):
+            heads, reason = fused_heads(self.model, ref_model)
+            if heads is None:
+                raise ValueError(f"fused_linear=True, but the fused-linear loss cannot be used: {reason}. Use "
+                                 "fused_linear='auto' to fall back to the logits")
         self._handles = [self.model.register_forward_pre_hook(self._capture, with_kwargs=True)]
         embeddings = _input_embeddings(self.model)
         if embeddings is not None:
@@ -131,10 +177,25 @@ class NonTargetKLLossFunc:
     def _capture(self, module, args, kwargs):
         if self._in_base_pass or kwargs.get("fused_lm_head"):
             return None
+        self._release_head()
         device_type = next((v.device.type for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), "cpu")
         self._captured = {"args": tuple(args), "kwargs": dict(kwargs), "device_type": device_type,
                           "autocast": autocast_state(device_type)}
+        # A training forward (train mode, gradients on, no labels: the Trainer popped them for compute_loss_func)
+        # hands its final hidden states to the loss; its head then projects the last position only.
+        if (self.fused_linear is not False and module.training and torch.is_grad_enabled()
+                and not any(k in kwargs for k in ("labels", "shift_labels", "logits_to_keep"))):
+            heads, _reason = fused_heads(self.model, self.ref_model)
+            if heads is not None:
+                capture = _HeadInput()
+                self._head = (heads, capture, heads[0].module.register_forward_pre_hook(capture))
         return None
+
+    def _release_head(self):
+        head, self._head = self._head, None
+        if head is not None:
+            head[2].remove()
+        return head
 
     def _note_autocast(self, module, args):
         captured = self._captured
@@ -145,6 +206,7 @@ class NonTargetKLLossFunc:
 
     def __call__(self, outputs, labels, num_items_in_batch=None, **_):
         captured, self._captured = self._captured, None
+        head = self._release_head()
         if not self._handles:
             raise RuntimeError("this loss function was removed (.remove()); create a new one with "
                                "nontarget_kl_loss_func(model, ...)")
@@ -158,6 +220,22 @@ class NonTargetKLLossFunc:
             inputs["labels"] = labels
         # The base pass runs at the adapted pass's precision: the same autocast, replayed.
         base_context = autocast_like(captured["device_type"], captured["autocast"])
+        if head is not None and head[1].calls > 0:
+            heads, capture, _handle = head
+            self._in_base_pass = True
+            try:
+                batch = compute_batch_hidden(self.model, inputs, heads, ref_model=self.ref_model,
+                                             adapted_hidden=capture.take("the model"),
+                                             adapted_autocast=capture.autocast, adapted_outputs=outputs,
+                                             forward_args=captured["args"], base_context=base_context)
+            finally:
+                self._in_base_pass = False
+            with head_tensors(batch) as t:
+                return nontarget_kl_linear_loss(
+                    t["hidden"], t["ref_hidden"], t["weight"], t["labels"], bias=t["bias"], ref_weight=t["ref_weight"],
+                    logit_scale=t["logit_scale"], softcap=t["softcap"], kl_weight=self.kl_weight,
+                    temperature=self.temperature, kl_direction=self.kl_direction,
+                    num_items_in_batch=num_items_in_batch)
         self._in_base_pass = True
         try:
             batch = compute_batch_logits(self.model, inputs, ref_model=self.ref_model, adapted_outputs=outputs,
@@ -175,10 +253,12 @@ class NonTargetKLLossFunc:
             handle.remove()
         self._handles = []
         self._captured = None
+        self._release_head()
 
     def __repr__(self):
         return (f"NonTargetKLLossFunc(kl_weight={self.kl_weight}, temperature={self.temperature}, "
-                f"kl_direction={self.kl_direction!r}, ref_model={'set' if self.ref_model is not None else None})")
+                f"kl_direction={self.kl_direction!r}, ref_model={'set' if self.ref_model is not None else None}, "
+                f"fused_linear={self.fused_linear!r})")
 
 
 def _input_embeddings(model):
@@ -195,13 +275,19 @@ def _first_device(model):
     return None
 
 
-def nontarget_kl_loss_func(model, *, kl_weight=1.0, temperature=1.0, kl_direction="forward", ref_model=None):
+def nontarget_kl_loss_func(model, *, kl_weight=1.0, temperature=1.0, kl_direction="forward", ref_model=None,
+                           fused_linear="auto"):
     """A `compute_loss_func` adding the non-target KL to the cross-entropy, for Trainer or SFTTrainer.
 
     Args:
         model: the model passed to the trainer (a PEFT model, or the plain model when SFTTrainer wraps it with
             `peft_config=`, or any model together with `ref_model`).
         kl_weight, temperature, kl_direction, ref_model: as for `kl_nontarget.NonTargetKLTrainer`.
+        fused_linear: "auto" (default), True or False, as for `kl_nontarget.NonTargetKLTrainer`. On the fused path
+            a training forward of the model (train mode, gradients enabled, no `labels` in its inputs: how the Trainer
+            calls it for `compute_loss_func`) passes its final hidden states to this loss, and its returned logits
+            cover the last position only. Evaluation forwards (no gradients) keep their full logits. Pass False if
+            other code needs the full logits of training-mode forwards.
 
     Returns:
         A callable `(outputs, labels, num_items_in_batch=None) -> loss` with a `.remove()` method that detaches its
@@ -215,4 +301,4 @@ def nontarget_kl_loss_func(model, *, kl_weight=1.0, temperature=1.0, kl_directio
         >>> trainer.train(); loss_func.remove()
     """
     return NonTargetKLLossFunc(model, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
-                               ref_model=ref_model)
+                               ref_model=ref_model, fused_linear=fused_linear)
