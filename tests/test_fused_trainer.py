@@ -1,0 +1,382 @@
+"""The fused-linear path of the trainers and the hook (final hidden states in, no N x V logits) against the logits path.
+
+Every comparison runs both paths on the same model and batch: loss and gradients of the LoRA parameters (and of the
+head under full fine-tuning) in float64, both KL directions, a plain head (Llama) and a soft-capped one (Gemma2).
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny_models import collate, independent_loss, perturb_trainable, tiny_llama, tiny_softcapped, tiny_tokenizer, \
+    toy_prompt_completions, toy_token_batches
+from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+
+from kl_nontarget.reference import HEAD_TRANSFORMS, head_input_captured, linear_head
+from kl_nontarget.trainer import NonTargetKLTrainer
+from kl_nontarget.trl import NonTargetKLSFTTrainer, nontarget_kl_loss_func
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    tiny_llama(root / "llama")
+    tiny_softcapped(root / "gemma2")
+    tiny_tokenizer(root / "tokenizer")
+    return root
+
+
+def load(model_dirs, arch="llama", dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(model_dirs / arch, dtype=dtype)
+
+
+def peft_model(model_dirs, arch="llama", dtype=torch.float64, config=None, moved=True):
+    torch.manual_seed(0)
+    model = get_peft_model(load(model_dirs, arch, dtype), config or LoraConfig(r=4, lora_alpha=8,
+                                                                               target_modules=TARGETS))
+    if moved:
+        perturb_trainable(model)
+    return model
+
+
+def args_for(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                  max_steps=2, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
+                  report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0,
+                  disable_tqdm=True)
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+class HeadRows:
+    """Counts the rows the LM head projects (its output rows) in each call."""
+
+    def __init__(self, model):
+        head = model.get_output_embeddings()
+        self.rows = []
+        self.handle = head.register_forward_hook(lambda m, a, out: self.rows.append(out[..., 0].numel()))
+
+    def remove(self):
+        self.handle.remove()
+
+
+def loss_and_grads(trainer, model, batch, num_items):
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return loss.detach(), grads, {k: float(v) for k, v in trainer._kl_sums["train"].items()}
+
+
+DATA = toy_token_batches(8, seed=3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_fused_equals_logits_path_float64(model_dirs, tmp_path, arch, direction):
+    model = peft_model(model_dirs, arch)
+    options = dict(kl_weight=1.3, temperature=1.4, kl_direction=direction)
+    batch = collate(DATA[:4])
+    results = {}
+    for fused in (True, False):
+        trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path), fused_linear=fused, **options)
+        rows = HeadRows(model)
+        results[fused] = loss_and_grads(trainer, model, batch, torch.tensor(23))
+        rows.remove()
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        # fused: the head projects one position per sequence, on both passes; logits: every supervised position
+        assert rows.rows == ([4, 4] if fused else [n, n])
+    (loss, grads, sums), (ref_loss, ref_grads, ref_sums) = results[True], results[False]
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-13)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-13, msg=name)
+    assert sums == pytest.approx(ref_sums, rel=1e-12)
+    expected, _, kl = independent_loss(model, batch, num_items_in_batch=23, **options)
+    assert kl > 1e-3
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_full_fine_tuning_with_ref_model_trains_the_head(model_dirs, tmp_path):
+    # A trainable head and a separate ref_model head: grad of the head weight through the fused loss.
+    model = load(model_dirs, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    perturb_trainable(model, scale=0.02)
+    batch = collate(DATA[:4])
+    results = {}
+    for fused in (True, False):
+        trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path), ref_model=ref, fused_linear=fused,
+                                     kl_direction="reverse")
+        results[fused] = loss_and_grads(trainer, model, batch, None)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-12, atol=1e-13)
+    assert results[True][1]["lm_head.weight"].abs().max() > 0
+    for name, grad in results[True][1].items():
+        torch.testing.assert_close(grad, results[False][1][name], rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_hook_fused_equals_logits_path_float64(model_dirs):
+    batch = collate(DATA[:4])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    results = {}
+    for fused in (True, False):
+        model = peft_model(model_dirs, "gemma2")
+        hook = nontarget_kl_loss_func(model, kl_weight=0.7, kl_direction="reverse", fused_linear=fused)
+        model.train()
+        outputs = model(**inputs)
+        assert outputs.logits.shape[1] == (1 if fused else batch["input_ids"].shape[1])
+        loss = hook(outputs, batch["labels"], num_items_in_batch=torch.tensor(19))
+        loss.backward()
+        results[fused] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        hook.remove()
+        assert not any(len(m._forward_pre_hooks) for m in model.modules())
+        with torch.no_grad():  # an evaluation forward keeps its logits
+            assert model(**inputs).logits.shape[1] == batch["input_ids"].shape[1]
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-12, atol=1e-13)
+    for name, grad in results[True][1].items():
+        torch.testing.assert_close(grad, results[False][1][name], rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_sft_subclass_fused_equals_logits_path(model_dirs, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    data = Dataset.from_list(toy_prompt_completions(8, seed=5))
+    results = {}
+    for fused in (True, False):
+        model = peft_model(model_dirs, dtype=torch.float32)
+        args = SFTConfig(output_dir=str(tmp_path / str(fused)), per_device_train_batch_size=4, max_steps=1,
+                         report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, max_length=64)
+        trainer = NonTargetKLSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                        kl_weight=0.8, fused_linear=fused)
+        batch = next(iter(trainer.get_train_dataloader()))
+        loss, grads, sums = loss_and_grads(trainer, model, batch, torch.tensor(15))
+        metrics = {k: trainer._metrics["train"][k][-1] for k in ("entropy", "mean_token_accuracy")}
+        results[fused] = (loss, grads, sums, metrics)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[True][1].items():
+        torch.testing.assert_close(grad, results[False][1][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert results[True][2] == pytest.approx(results[False][2], rel=1e-5)
+    assert results[True][3] == pytest.approx(results[False][3], rel=1e-5)
+
+
+def test_compute_regularized_loss_override_takes_the_logits(model_dirs, tmp_path):
+    seen = []
+
+    class FullKLTrainer(NonTargetKLTrainer):
+        def compute_regularized_loss(self, logits, ref_logits, labels, num_items_in_batch):
+            seen.append(tuple(logits.shape))
+            return super().compute_regularized_loss(logits, ref_logits, labels, num_items_in_batch)
+
+    model = peft_model(model_dirs)
+    batch = collate(DATA[:4])
+    trainer = FullKLTrainer(model=model, args=args_for(tmp_path))
+    loss = trainer.compute_loss(model, dict(batch))
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    assert seen == [(n, model.config.vocab_size)]
+    torch.testing.assert_close(loss, independent_loss(model, batch)[0].detach(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="compute_regularized_loss"):
+        FullKLTrainer(model=model, args=args_for(tmp_path), fused_linear=True)
+
+
+@pytest.mark.parametrize("case", ["lora_on_lm_head", "modules_to_save"])
+def test_wrapped_heads_fall_back_to_logits(model_dirs, tmp_path, case):
+    config = {"lora_on_lm_head": LoraConfig(r=4, target_modules=["q_proj", "lm_head"]),
+              "modules_to_save": LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])}[case]
+    model = peft_model(model_dirs, config=config)
+    assert linear_head(model)[0] is None
+    with pytest.raises(ValueError, match="nn.Linear"):
+        NonTargetKLTrainer(model=model, args=args_for(tmp_path), fused_linear=True)
+    with pytest.raises(ValueError, match="nn.Linear"):
+        nontarget_kl_loss_func(model, fused_linear=True)
+    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path))
+    batch = collate(DATA[:4])
+    loss = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(loss, independent_loss(model, batch)[0].detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, "AUTO"])
+def test_bad_fused_linear_values(model_dirs, tmp_path, value):
+    model = peft_model(model_dirs, moved=False)
+    with pytest.raises(ValueError, match="fused_linear"):
+        NonTargetKLTrainer(model=model, args=args_for(tmp_path), fused_linear=value)
+    with pytest.raises(ValueError, match="fused_linear"):
+        nontarget_kl_loss_func(model, fused_linear=value)
+
+
+def test_evaluation_without_predictions_is_fused_and_with_predictions_has_logits(model_dirs, tmp_path):
+    model = peft_model(model_dirs, dtype=torch.float32)
+    eval_data = DATA[:6]
+    metrics = {}
+    for fused in (True, False):
+        trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path), eval_dataset=eval_data, kl_weight=0.5,
+                                     fused_linear=fused)
+        rows = HeadRows(model)
+        metrics[fused] = trainer.evaluate()
+        rows.remove()
+        assert max(rows.rows) <= 4 if fused else max(rows.rows) > 4
+    for key in ("eval_loss", "eval_ce_loss", "eval_nontarget_kl"):
+        assert metrics[True][key] == pytest.approx(metrics[False][key], rel=1e-5)
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["shape"] = prediction.predictions.shape
+        return {}
+
+    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path), eval_dataset=eval_data, kl_weight=0.5,
+                                 compute_metrics=compute_metrics)
+    with_predictions = trainer.evaluate()
+    assert seen["shape"][:2] == (6, DATA[0]["input_ids"].shape[0])
+    assert with_predictions["eval_loss"] == pytest.approx(metrics[True]["eval_loss"], rel=1e-5)
+
+
+def test_bf16_autocast_first_kl_is_exactly_zero_and_matches_logits(model_dirs, tmp_path):
+    logs = {}
+    for fused in (True, False):
+        model = peft_model(model_dirs, dtype=torch.float32, moved=False)
+        trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path / str(fused), bf16=True, max_steps=2),
+                                     train_dataset=DATA, fused_linear=fused)
+        trainer.train()
+        logs[fused] = [log for log in trainer.state.log_history if "loss" in log]
+    assert logs[True][0]["nontarget_kl"] == 0.0  # both passes project through the same bf16 head
+    for a, b in zip(logs[True], logs[False]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
+        assert a["ce_loss"] == pytest.approx(b["ce_loss"], rel=2e-2)
+
+
+# -- the architectures whose logit transform the fused path reproduces --------------------------------------------
+
+ARCHITECTURES = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "phi": {}, "phi3": {},
+    "gemma2": dict(final_logit_softcapping=2.0), "gemma3_text": dict(final_logit_softcapping=3.0),
+    "cohere": dict(logit_scale=0.3), "granite": dict(logits_scaling=4.0),
+}
+
+
+def test_every_known_architecture_is_checked():
+    checked = set()
+    for model_type in ARCHITECTURES:
+        config = AutoConfig.for_model(model_type)
+        checked.add(AutoModelForCausalLM._model_mapping[type(config)].__name__)
+    assert checked == set(HEAD_TRANSFORMS)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_head_transform_reproduces_the_models_logits(model_type):
+    config = AutoConfig.for_model(model_type, vocab_size=96, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, **ARCHITECTURES[model_type])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).double().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)  # logits large enough for soft-capping to matter
+    head, reason = linear_head(model)
+    assert head is not None, reason
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with head_input_captured(head.module) as capture:
+            assert model(input_ids=ids).logits.shape == (2, 1, 96)
+        logits = torch.nn.functional.linear(capture.take("model"), head.module.weight, head.module.bias)
+        logits = logits * head.logit_scale
+        if head.softcap is not None:
+            logits = head.softcap * torch.tanh(logits / head.softcap)
+    assert (head.logit_scale != 1.0) == (model_type in ("cohere", "granite"))
+    assert (head.softcap is not None) == (model_type in ("gemma2", "gemma3_text"))
+    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_architecture_falls_back(model_dirs):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    head, reason = linear_head(model)
+    assert head is None and "GPT2LMHeadModel" in reason
+
+
+# -- memory: no N x V logits on the fused path --------------------------------------------------------------------
+
+def test_fused_training_step_never_builds_the_logits(tmp_path):
+    """V = 32768, hidden 64, 4 x 256 tokens: the head projects one position per sequence on the fused path, and the
+    step's peak RSS stays far below that of the logits path (measured in a subprocess)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=240, env=env, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    logits_mib = result["logits_mib"]  # one float32 N x V tensor
+    fused, plain = result["fused"], result["logits"]
+    assert max(fused["head_rows"]) <= result["batch"]
+    assert max(plain["head_rows"]) == result["tokens"]
+    assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-4)
+    assert plain["peak_delta_mib"] > 2 * logits_mib  # the measurement sees the logits when they exist
+    assert fused["peak_delta_mib"] < 0.75 * logits_mib
+    print(json.dumps(result))
+
+
+MEMORY_PROBE = r'''
+import gc, json, resource, sys
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import TrainingArguments
+from tiny_models import tiny_llama
+from kl_nontarget.trainer import NonTargetKLTrainer
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def trim():
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+torch.set_num_threads(1)
+B, T, V = 4, 256, 32768
+model = get_peft_model(tiny_llama(vocab_size=V, hidden_size=64, num_layers=1),
+                       LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+args = TrainingArguments(output_dir=sys.argv[1], report_to=[], use_cpu=True, disable_tqdm=True)
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(4, V, (B, T), generator=g)
+batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+small = {k: v[:1, :16] for k, v in batch.items()}
+rows = []
+model.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(out[..., 0].numel()))
+result = {"batch": B, "tokens": B * (T - 1), "logits_mib": B * (T - 1) * V * 4 / 2**20}
+for fused in (True, False):  # fused first: the peak RSS only grows
+    trainer = NonTargetKLTrainer(model=model, args=args, fused_linear=fused)
+    trainer.compute_loss(model, dict(small)).backward()  # warm up
+    model.zero_grad(set_to_none=True)
+    trim()
+    rows.clear()
+    before = peak_mib()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    result["fused" if fused else "logits"] = {"peak_delta_mib": peak_mib() - before, "loss": loss.item(),
+                                              "head_rows": list(rows)}
+    del loss
+    model.zero_grad(set_to_none=True)
+    trim()
+print(json.dumps(result))
+'''
