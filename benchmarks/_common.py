@@ -35,7 +35,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MB = 2**20
 
 # Fields that identify a row: a new run replaces an old row with the same identity and keeps every other row.
-IDENTITY = ("bench", "impl", "N", "V", "dtype", "model", "batch", "seq", "harness")
+IDENTITY = ("bench", "impl", "N", "V", "dtype", "model", "batch", "seq", "harness", "threads", "hidden")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def _cpu_model() -> str:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    return f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+    return f"{_cpu_model()} ({os.cpu_count()} CPUs)"  # torch's thread count goes in each CPU row
 
 
 def slugify(text: str) -> str:

@@ -182,6 +182,8 @@ def run_shape(n, v, dtype_name, impls, args, bandwidth_gbps):
     def row(impl, status, **kw):
         r = dict(base, impl=impl, ms=None, peak_mb=None, extra_mb=None, floor_x=None, status=status,
                  floor_ms=C.finite_or_none(floor_ms))
+        if device == "cpu":
+            r["threads"] = torch.get_num_threads()
         r.update(kw)
         return r
 

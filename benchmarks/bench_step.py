@@ -226,6 +226,8 @@ def run(args):
             base = dict(bench="step", harness=harness, model=args.model, dtype=args.dtype, batch=args.batch,
                         seq=args.seq, N=args.batch * (args.seq - 1), V=MODELS[args.model]["vocab_size"],
                         lora_r=args.lora_r, kl_weight=args.kl_weight)
+            if args.device == "cpu":
+                base["threads"] = torch.get_num_threads()
             results = {}
             for impl in ("plain", "kl"):
                 row = dict(base, impl=impl, ms=None, peak_mb=None, extra_mb=None, status="ok")
