@@ -400,8 +400,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     # The Triton interpreter's numpy ops warn on the -inf arithmetic the kernel masks out afterwards.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\..*")
-    if args.device == "cuda" and "kl_nontarget_triton" in args.impls:
-        torch.backends.cuda.matmul.allow_tf32 = True
     if args.bandwidth:
         bw, bw_source = args.bandwidth, "given (--bandwidth)"
     else:
