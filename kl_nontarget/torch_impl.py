@@ -16,7 +16,7 @@ import math
 import torch
 
 # Budget for one chunk's temporaries (about six chunk x V tensors in the compute dtype live at once).
-_CHUNK_BYTES = 16 * 2**20
+_CHUNK_BYTES = 96 * 2**20
 
 
 def _safe(m: torch.Tensor) -> torch.Tensor:
