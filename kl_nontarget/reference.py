@@ -604,7 +604,9 @@ class _HeadInput:
         self.calls += 1
         self.hidden = x
         self.autocast = autocast_state(x.device.type)
-        return (x[..., -1:, :].detach(), *args[1:])
+        # Not detached: the returned logits stay connected to the parameters, as DDP's find_unused_parameters
+        # traversal of the outputs needs (they get no gradient: the loss uses the hidden states).
+        return (x[..., -1:, :], *args[1:])
 
     def take(self, source: str) -> torch.Tensor:
         if self.calls != 1:
