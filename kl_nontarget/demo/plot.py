@@ -14,7 +14,7 @@ def plot_frontier(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     base = results["base"]
     entropy = base["entropy"]
@@ -44,8 +44,12 @@ def plot_frontier(results, path):
             ax.plot([0.0], [t["target_loss"]], "s", color="gray", ms=8, label="base model (no fine-tuning)")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+        low, high = ax.get_ylim()
+        if high < 4 * low:  # label the minor ticks only where there are few of them
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+        else:
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("forgetting: Lf − H(base) = KL(base ‖ fine-tuned), held-out base text")
         ax.set_ylabel("target loss, held-out task examples (log)")
         ax.set_title(f"task '{task}'" + (f"  (lr {t['lr']:g}, {t['steps']} steps)" if t else ""))
