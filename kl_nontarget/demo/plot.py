@@ -14,7 +14,7 @@ def plot_frontier(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     base = results["base"]
     entropy = base["entropy"]
@@ -42,16 +42,14 @@ def plot_frontier(results, path):
         t = base["tasks"].get(task)
         if t:
             ax.plot([0.0], [t["target_loss"]], "s", color="gray", ms=8, label="base model (no fine-tuning)")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
         low, high = ax.get_ylim()
-        if high < 4 * low:  # label the minor ticks only where there are few of them
-            ax.yaxis.set_minor_formatter(ScalarFormatter())
-            ax.tick_params(axis="y", which="minor", labelsize=7)
-        else:
+        if high > 8 * low:  # the base's target loss is far above the fine-tuned ones: log scale, 1-2-5 ticks
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("forgetting: Lf − H(base) = KL(base ‖ fine-tuned), held-out base text")
-        ax.set_ylabel("target loss, held-out task examples (log)")
+        ax.set_ylabel("target loss, held-out task examples (nats/token)")
         ax.set_title(f"task '{task}'" + (f"  (lr {t['lr']:g}, {t['steps']} steps)" if t else ""))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
