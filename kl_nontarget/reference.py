@@ -468,7 +468,11 @@ def _to_device(kwargs: dict, device: torch.device) -> dict:
 # of two N x V logits tensors. The hidden states are taken where the model itself hands them to its head: a forward
 # pre-hook on the head keeps the head's input and lets the head project the last position only. The model is called
 # exactly as on the logits path, through every wrapper (DDP, accelerate's mixed-precision autocast, PEFT, TRL's
-# instance patch), so the adapted hidden states carry their graph and the autocast state is read where the head runs.
+# instance patch), and the autocast state is read where the head runs. Like TRL's fused LM head, whose results come
+# out of the model's forward, the hidden states are returned in the model's outputs (as `hidden_states=(h,)`, set by
+# a forward hook on the transformers model; the field is free since the batch does not ask for hidden states): the
+# loss then flows through the outputs of the outermost forward, as FSDP2 (which unshards the root's parameters for
+# backward from hooks on those outputs) and DDP's unused-parameter search expect.
 
 FUSED_LINEAR_OPTIONS = (True, False, "auto")
 
@@ -608,24 +612,48 @@ class _HeadInput:
         # traversal of the outputs needs (they get no gradient: the loss uses the hidden states).
         return (x[..., -1:, :], *args[1:])
 
-    def take(self, source: str) -> torch.Tensor:
+    def attach(self, module, args, output):
+        """Forward hook on the model owning the head: return the head's input in the outputs, as `hidden_states`.
+
+        A field of the ModelOutput dataclass (FSDP2 and pytree flattening see fields only), set only when empty.
+        """
+        if self.hidden is not None and isinstance(output, dict) and getattr(output, "hidden_states", False) is None:
+            output["hidden_states"] = (self.hidden,)
+        return output
+
+    def take(self, source: str, outputs: Any = None) -> torch.Tensor:
+        """The head's input, preferably as found in the forward's `outputs` (the tensor the wrappers saw)."""
         if self.calls != 1:
             raise RuntimeError(f"{source} called its LM head {self.calls} times in one forward (expected once); pass "
                                "fused_linear=False to use the logits")
         hidden, self.hidden = self.hidden, None
+        returned = outputs.get("hidden_states") if isinstance(outputs, dict) else None
+        if isinstance(returned, tuple) and len(returned) == 1 and isinstance(returned[0], torch.Tensor) \
+                and returned[0].shape == hidden.shape:
+            hidden = returned[0]
         return hidden
 
 
-@contextlib.contextmanager
-def head_input_captured(head: nn.Module):
-    """Within the context, calls of `head` record their input (`.hidden`, `.autocast`) and return last-position logits.
-    """
+def register_head_capture(head: nn.Module, owner: nn.Module | None = None):
+    """(capture, handles): calls of `head` record their input and return last-position logits; calls of `owner`
+    (the transformers model whose forward calls `head`) return the recorded input in their outputs."""
     capture = _HeadInput()
-    handle = head.register_forward_pre_hook(capture)
+    handles = [head.register_forward_pre_hook(capture)]
+    if owner is not None:
+        handles.append(owner.register_forward_hook(capture.attach))
+    return capture, handles
+
+
+@contextlib.contextmanager
+def head_input_captured(head: nn.Module, owner: nn.Module | None = None):
+    """Within the context, calls of `head` record their input (`.hidden`, `.autocast`) and return last-position logits;
+    with `owner`, its outputs carry that input as `hidden_states=(input,)`."""
+    capture, handles = register_head_capture(head, owner)
     try:
         yield capture
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def select_hidden(hidden: torch.Tensor, mask: torch.Tensor, *, source: str = "the model") -> torch.Tensor:
@@ -663,10 +691,13 @@ def compute_batch_hidden(model: nn.Module, inputs: dict, heads: tuple[LinearHead
     """
     target, mask, kwargs = _batch_parts(model, inputs, labels)
     head, ref_head = heads
+    if adapted_hidden is None and kwargs.get("output_hidden_states"):
+        raise ValueError("the fused-linear path returns the final hidden states in `hidden_states`: remove "
+                         "output_hidden_states from the batch, or pass fused_linear=False")
     if adapted_hidden is None:
-        with head_input_captured(head.module) as capture:
+        with head_input_captured(head.module, transformers_model(model)) as capture:
             adapted_outputs = model(*forward_args, **kwargs)
-        adapted_hidden, adapted_autocast = capture.take("the model"), capture.autocast
+        adapted_hidden, adapted_autocast = capture.take("the model", adapted_outputs), capture.autocast
     hidden = select_hidden(adapted_hidden, mask, source="the model")
 
     base_kwargs, base_mask = kwargs, mask

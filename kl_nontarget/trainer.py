@@ -138,7 +138,9 @@ class NonTargetKLMixin:
         # separate ref_model gets the same autocast explicitly.
         base_context = self.accelerator.autocast() if self.ref_model is not None else None
         unwrapped = self.accelerator.unwrap_model(model)
-        needs_logits = return_outputs and not self._loss_only_prediction
+        # The fused path returns the final hidden states in the outputs' `hidden_states` field: a batch that asks for
+        # all hidden states takes the logits path.
+        needs_logits = (return_outputs and not self._loss_only_prediction) or bool(inputs.get("output_hidden_states"))
         heads = self._fused_heads(model, needs_logits)
         if heads is not None:
             batch = compute_batch_hidden(model, inputs, heads, ref_model=self.ref_model, unwrapped=unwrapped,

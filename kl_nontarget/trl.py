@@ -25,9 +25,9 @@ from torch import nn
 
 from kl_nontarget.linear import default_chunk_size, nontarget_kl_linear_loss
 from kl_nontarget.loss import nontarget_kl_loss
-from kl_nontarget.reference import BatchHidden, _HeadInput, autocast_like, autocast_state, check_reference, \
-    compute_batch_hidden, compute_batch_logits, fused_heads, has_adapters, head_tensors, is_peft_model, \
-    prepare_ref_model, unwrap_model
+from kl_nontarget.reference import BatchHidden, autocast_like, autocast_state, check_reference, compute_batch_hidden, \
+    compute_batch_logits, fused_heads, has_adapters, head_tensors, is_peft_model, prepare_ref_model, \
+    register_head_capture, transformers_model, unwrap_model
 from kl_nontarget.trainer import NonTargetKLMixin, check_options
 
 __all__ = ["NonTargetKLSFTTrainer", "nontarget_kl_loss_func", "NonTargetKLLossFunc"]
@@ -147,7 +147,7 @@ class NonTargetKLLossFunc:
         self.temperature = float(temperature)
         self.kl_direction = kl_direction
         self.fused_linear = fused_linear
-        self._head = None  # (heads, _HeadInput, hook handle) of the adapted forward in flight on the fused path
+        self._head = None  # (heads, capture, hook handles) of the adapted forward in flight on the fused path
         self.model = unwrap_model(model)
         self.ref_model = ref_model
         self._checked = False
@@ -184,17 +184,19 @@ class NonTargetKLLossFunc:
         # A training forward (train mode, gradients on, no labels: the Trainer popped them for compute_loss_func)
         # hands its final hidden states to the loss; its head then projects the last position only.
         if (self.fused_linear is not False and module.training and torch.is_grad_enabled()
-                and not any(k in kwargs for k in ("labels", "shift_labels", "logits_to_keep"))):
+                and not any(kwargs.get(k) is not None for k in ("labels", "shift_labels", "logits_to_keep"))
+                and not kwargs.get("output_hidden_states")):
             heads, _reason = fused_heads(self.model, self.ref_model)
             if heads is not None:
-                capture = _HeadInput()
-                self._head = (heads, capture, heads[0].module.register_forward_pre_hook(capture))
+                capture, handles = register_head_capture(heads[0].module, transformers_model(self.model))
+                self._head = (heads, capture, handles)
         return None
 
     def _release_head(self):
         head, self._head = self._head, None
         if head is not None:
-            head[2].remove()
+            for handle in head[2]:
+                handle.remove()
         return head
 
     def _note_autocast(self, module, args):
@@ -225,7 +227,7 @@ class NonTargetKLLossFunc:
             self._in_base_pass = True
             try:
                 batch = compute_batch_hidden(self.model, inputs, heads, ref_model=self.ref_model,
-                                             adapted_hidden=capture.take("the model"),
+                                             adapted_hidden=capture.take("the model", outputs),
                                              adapted_autocast=capture.autocast, adapted_outputs=outputs,
                                              forward_args=captured["args"], base_context=base_context)
             finally:
