@@ -42,9 +42,9 @@ def default_config(seeds=None):
 
 def quick_config(seeds=None):
     # A smoke run: a smaller, shorter-trained base and 60 steps per run; its numbers are not the evidence.
-    cfg = DemoConfig(seeds=1, lr_grid=(1e-2,), max_steps=60, eval_every=60, kl_weights=(0.03, 0.3, 1.0, 3.0),
-                     sizes=dict(train=256, val=32, test=96), heldout_blocks=48)
-    cfg.base.update(hidden_size=64, layers=2, intermediate_size=160, train_docs=2000, heldout_docs=200, steps=250)
+    cfg = DemoConfig(seeds=1, lr_grid=(1e-2,), max_steps=40, eval_every=40, kl_weights=(0.03, 0.3, 1.0, 3.0),
+                     sizes=dict(train=256, val=32, test=64), heldout_blocks=32)
+    cfg.base.update(hidden_size=64, layers=2, intermediate_size=160, train_docs=1200, heldout_docs=150, steps=150)
     if seeds is not None:
         cfg.seeds = seeds
     return cfg
