@@ -1,12 +1,13 @@
 """The `kl-nontarget` command line.
 
-    kl-nontarget demo [--out DIR] [--quick] [--seeds N] [--cache-dir DIR]
+    kl-nontarget demo [--out DIR] [--quick] [--seeds N] [--cache-dir DIR] [--threads N]
     kl-nontarget eval --adapter DIR --data FILE [--base MODEL] [--text-field text] [--max-length 512] ...
 """
 
 import argparse
 import json
 import sys
+import warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", default=None, metavar="DIR",
                       help="where the pretrained base model is cached (default: $KL_NONTARGET_CACHE or "
                       "~/.cache/kl-nontarget)")
+    demo.add_argument("--threads", type=int, default=None, metavar="N",
+                      help="torch threads (default: torch's, one per core; 1 is faster on cores busy with other work)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ev = sub.add_parser("eval", help="forgetting of a saved adapter against its base on a local text or JSON-lines file",
@@ -54,8 +57,14 @@ def cmd_demo(args) -> int:
     if args.seeds is not None and args.seeds < 1:
         print("kl-nontarget demo: --seeds must be >= 1", file=sys.stderr)
         return 2
+    if args.threads is not None and args.threads < 1:
+        print("kl-nontarget demo: --threads must be >= 1", file=sys.stderr)
+        return 2
     cfg = quick_config(args.seeds) if args.quick else default_config(args.seeds)
-    run_demo(cfg, args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
+    with warnings.catch_warnings():
+        # transformers 5.x warns about its own deprecated attribute on every Trainer run: noise in the demo's output.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        run_demo(cfg, args.out, cache_dir=args.cache_dir, progress=not args.no_progress, threads=args.threads)
     return 0
 
 

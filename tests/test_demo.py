@@ -125,3 +125,26 @@ def test_choose_baseline_prefers_fewer_steps_within_tolerance():
     history = {1e-3: [(10, 0.9), (20, 0.5)], 3e-3: [(10, 0.31), (20, 0.30), (30, 0.29)]}
     assert choose_baseline(history, 0.02) == (3e-3, 10, 0.31)
     assert choose_baseline(history, 0.0) == (3e-3, 30, 0.29)
+
+
+def test_sweep_snapshot_equals_a_retrained_plain_lora_run(tmp_path):
+    # The demo reuses the sweep's weights at the chosen step as the seed-0 plain-LoRA run: it must be that run.
+    from kl_nontarget.demo.base import load_or_pretrain as _load
+    from kl_nontarget.demo.data import loader
+    from kl_nontarget.demo.runs import ValidationCallback, finetune, lora_from_snapshot
+
+    cfg = tiny_config()
+    model, tok, grammar, _, _ = _load(cfg.base, 0, tmp_path, progress=False, log=lambda *a: None)
+    data = build_task(grammar, tok, "shifted", cfg.sizes)
+    pad = tok.pad_token_id
+    kw = dict(kl_weight=0.0, lr=1e-2, seed=0, batch_size=4, progress=False)
+    cb = ValidationCallback(loader(data["val"], pad), every=2)
+    finetune(model, data["train"], pad, method="lora", steps=6, callbacks=[cb], **kw)
+    assert sorted(cb.snapshots) == [2, 4, 6]
+    again = finetune(model, data["train"], pad, method="lora", steps=4, **kw)
+    restored = lora_from_snapshot(model, cb.snapshots[4], seed=0)
+    trained = dict(again.named_parameters())
+    for name, p in restored.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(p, trained[name], rtol=0, atol=0)
+    assert any(p.abs().sum() > 0 for n, p in restored.named_parameters() if "lora_B" in n)

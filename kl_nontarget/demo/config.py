@@ -26,7 +26,7 @@ class DemoConfig:
     max_steps: int = 200
     eval_every: int = 25
     steps_tolerance: float = 0.02  # fewest steps whose validation loss is within this of the best
-    kl_weights: tuple = (0.03, 0.1, 0.3, 1.0, 3.0)
+    kl_weights: tuple = (0.03, 0.3, 1.0, 3.0)
     match_tolerance: float = 0.05  # "same target loss" for the matched comparison (absolute, nats)
 
     def to_dict(self):

@@ -11,7 +11,8 @@ import torch
 
 from kl_nontarget.demo.base import base_corpus, load_or_pretrain
 from kl_nontarget.demo.data import loader
-from kl_nontarget.demo.runs import METHODS, ValidationCallback, choose_baseline, evaluate_run, finetune
+from kl_nontarget.demo.runs import (METHODS, ValidationCallback, choose_baseline, evaluate_run, finetune,
+                                    lora_from_snapshot)
 from kl_nontarget.demo.tasks import build_task
 from kl_nontarget.metrics import evaluate_lm, forgetting_metrics
 
@@ -31,11 +32,12 @@ def plan(cfg):
     return [("lora", 0.0)] + [(m, float(w)) for m in METHODS[1:] for w in cfg.kl_weights]
 
 
-def run_demo(cfg, out_dir, *, cache_dir=None, progress=True, log=print, threads=1):
+def run_demo(cfg, out_dir, *, cache_dir=None, progress=True, log=print, threads=None):
     """Runs the whole demo; writes out_dir/results.json, out_dir/frontier.png and out_dir/adapters/.
 
-    `threads`: torch intra-op threads for the run (restored afterwards). The model is so small that one thread is
-    about as fast as two, and far faster when the cores are shared with other work (None keeps torch's setting).
+    `threads`: torch intra-op threads for the run (restored afterwards); None keeps torch's setting, one per core.
+    On an idle 2-core machine two threads train the demo's models about 1.35x faster than one; on cores shared with
+    other work, one thread can be much faster.
     """
     previous = torch.get_num_threads()
     if threads:
@@ -71,15 +73,17 @@ def _run_demo(cfg, out_dir, *, cache_dir, progress, log):
         target = evaluate_lm(model, test_loader, progress=False)
         info = {"target_loss": target["loss"], "target_accuracy": target["sequence_accuracy"]}
         # The fair baseline: learning rate and steps best for plain LoRA (seed 0), then kept for every method.
+        snapshot = None  # the seed-0 plain-LoRA weights at the chosen (lr, steps), taken from the sweep
         if len(cfg.lr_grid) > 1:
-            history = {}
+            history, snapshots = {}, {}
             for lr in cfg.lr_grid:
                 cb = ValidationCallback(val_loader, cfg.eval_every)
                 finetune(model, data["train"], pad, method="lora", kl_weight=0.0, lr=lr, steps=cfg.max_steps,
                          seed=0, batch_size=cfg.batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                          callbacks=[cb], desc=f"{task}: sweep lora lr={lr:g}", progress=progress)
-                history[lr] = cb.history
+                history[lr], snapshots[lr] = cb.history, cb.snapshots
             lr, steps, val_loss = choose_baseline(history, cfg.steps_tolerance)
+            snapshot = snapshots[lr][steps]
             info["sweep"] = {str(k): v for k, v in history.items()}
         else:
             lr, steps, val_loss = cfg.lr_grid[0], cfg.max_steps, None
@@ -90,10 +94,13 @@ def _run_demo(cfg, out_dir, *, cache_dir, progress, log):
         for seed in range(cfg.seeds):
             for method, weight in plan(cfg):
                 tag = f"{task}-{method}-{weight:g}-seed{seed}"
-                peft_model = finetune(model, data["train"], pad, method=method, kl_weight=weight, lr=lr, steps=steps,
-                                      seed=seed, batch_size=cfg.batch_size, lora_r=cfg.lora_r,
-                                      lora_alpha=cfg.lora_alpha, desc=f"{task} seed {seed}: {method} λ={weight:g}",
-                                      progress=progress)
+                if method == "lora" and seed == 0 and snapshot is not None:
+                    peft_model = lora_from_snapshot(model, snapshot, seed, cfg.lora_r, cfg.lora_alpha)
+                else:
+                    peft_model = finetune(model, data["train"], pad, method=method, kl_weight=weight, lr=lr,
+                                          steps=steps, seed=seed, batch_size=cfg.batch_size, lora_r=cfg.lora_r,
+                                          lora_alpha=cfg.lora_alpha,
+                                          desc=f"{task} seed {seed}: {method} λ={weight:g}", progress=progress)
                 metrics = evaluate_run(peft_model, test_loader, heldout_loader)
                 peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
                 peft_model.save_pretrained(out_dir / "adapters" / tag)

@@ -44,14 +44,35 @@ class FullKLTrainer(NonTargetKLTrainer):
 
 
 class ValidationCallback(TrainerCallback):
-    """Evaluates the target loss on a validation loader every `every` steps (for the learning-rate sweep)."""
+    """Evaluates the target loss on a validation loader every `every` steps (for the learning-rate sweep).
+
+    It also keeps the trainable (adapter) weights at each of those steps: with a constant learning rate, the same
+    seed and data order, the sweep's weights at step S are those of a plain-LoRA run of S steps, so the demo
+    reuses them instead of training that run again.
+    """
 
     def __init__(self, loader, every):
-        self.loader, self.every, self.history = loader, every, []
+        self.loader, self.every, self.history, self.snapshots = loader, every, [], {}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
             self.history.append((state.global_step, evaluate_lm(model, self.loader, progress=False)["loss"]))
+            self.snapshots[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()
+                                                 if p.requires_grad}
+
+
+def lora_from_snapshot(base_model, snapshot, seed, r=8, alpha=16):
+    """A fresh LoRA model (same init as `finetune`) holding the adapter weights of a sweep snapshot."""
+    model = make_lora_model(base_model, seed, r, alpha)
+    params = dict(model.named_parameters())
+    missing = set(snapshot) - set(params)
+    if missing:
+        raise KeyError(f"snapshot parameters not in the LoRA model: {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for name, value in snapshot.items():
+            params[name].copy_(value)
+    model.eval()
+    return model
 
 
 def make_lora_model(base_model, seed, r=8, alpha=16):
