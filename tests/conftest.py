@@ -1,4 +1,17 @@
 import os
 
+import pytest
+
 # Triton's interpreter must be on before triton is first imported: the kernels then run on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny models on shared cores run far slower with thread oversubscription."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

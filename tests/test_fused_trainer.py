@@ -13,24 +13,18 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import collate, independent_loss, perturb_trainable, tiny_llama, tiny_softcapped, tiny_tokenizer, \
-    toy_prompt_completions, toy_token_batches
+from tiny_models import LORA_TARGETS, collate, independent_loss, perturb_trainable, tiny_llama, tiny_softcapped, \
+    tiny_tokenizer, toy_prompt_completions, toy_token_batches
 from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
 
 from kl_nontarget.reference import HEAD_TRANSFORMS, head_input_captured, linear_head
 from kl_nontarget.trainer import NonTargetKLTrainer
 from kl_nontarget.trl import NonTargetKLSFTTrainer, nontarget_kl_loss_func
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def load(model_dirs, arch="llama", dtype=torch.float32):
 def peft_model(model_dirs, arch="llama", dtype=torch.float64, config=None, moved=True):
     torch.manual_seed(0)
     model = get_peft_model(load(model_dirs, arch, dtype), config or LoraConfig(r=4, lora_alpha=8,
-                                                                               target_modules=TARGETS))
+                                                                               target_modules=LORA_TARGETS))
     if moved:
         perturb_trainable(model)
     return model

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
-from tiny_models import collate, independent_loss, perturb_trainable, tiny_llama, tiny_softcapped, \
+from tiny_models import LORA_TARGETS, collate, independent_loss, perturb_trainable, tiny_llama, tiny_softcapped, \
     toy_token_batches
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
@@ -14,16 +14,9 @@ from kl_nontarget import reference
 from kl_nontarget.reference import compute_batch_logits, supports_logits_mask, tuner_layers
 from kl_nontarget.trainer import NonTargetKLTrainer
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on shared cores: thread oversubscription makes each step ~50x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +35,7 @@ def _load_any(path):
 
 def peft_model(model_dirs, arch="llama", config=None, seed=0, moved=True):
     torch.manual_seed(seed)
-    config = config or LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    config = config or LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS)
     model = get_peft_model(_load_any(model_dirs / arch), config)
     if moved:
         perturb_trainable(model)
@@ -309,8 +302,8 @@ def test_resume_from_checkpoint(model_dirs, tmp_path):
 
 @pytest.mark.parametrize("kind", ["dora", "loha", "ia3"])
 def test_other_adapter_types(model_dirs, tmp_path, kind):
-    config = {"dora": LoraConfig(r=4, target_modules=TARGETS, use_dora=True),
-              "loha": LoHaConfig(r=4, target_modules=TARGETS),
+    config = {"dora": LoraConfig(r=4, target_modules=LORA_TARGETS, use_dora=True),
+              "loha": LoHaConfig(r=4, target_modules=LORA_TARGETS),
               "ia3": IA3Config(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}
     model = peft_model(model_dirs, config=config[kind], moved=False)
     trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path, max_steps=1), train_dataset=DATA)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from tiny_models import collate, independent_loss, perturb_trainable, tiny_llama, tiny_tokenizer, \
+from tiny_models import LORA_TARGETS, collate, independent_loss, perturb_trainable, tiny_llama, tiny_tokenizer, \
     toy_prompt_completions, toy_token_batches
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
@@ -15,15 +15,9 @@ from kl_nontarget.reference import tuner_layers
 from kl_nontarget.trainer import NonTargetKLTrainer
 from kl_nontarget.trl import NonTargetKLSFTTrainer, nontarget_kl_loss_func
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def base_model(paths):
 
 
 def lora_config():
-    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    return LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS)
 
 
 def moved_peft_model(paths, seed=0):

@@ -18,6 +18,8 @@ import random
 import torch
 
 VOCAB_SIZE = 128
+# Every linear projection of a Llama-style decoder layer: where the tests put their adapters.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 WORDS = [f"w{i}" for i in range(VOCAB_SIZE - len(SPECIAL_TOKENS) - 4)] + ["user:", "assistant:", "?", "."]
 
