@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import LORA_TARGETS, collate, independent_loss, perturb_trainable, tiny_llama, tiny_softcapped, \
+from tiny_models import LORA_TARGETS, collate, sgd_args, independent_loss, perturb_trainable, tiny_llama, tiny_softcapped, \
     tiny_tokenizer, toy_prompt_completions, toy_token_batches
-from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from kl_nontarget.reference import HEAD_TRANSFORMS, head_input_captured, linear_head
 from kl_nontarget.trainer import NonTargetKLTrainer
@@ -47,15 +47,6 @@ def peft_model(model_dirs, arch="llama", dtype=torch.float64, config=None, moved
     if moved:
         perturb_trainable(model)
     return model
-
-
-def args_for(tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                  max_steps=2, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
-                  report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0,
-                  disable_tqdm=True)
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
 
 
 class HeadRows:
@@ -90,7 +81,7 @@ def test_fused_equals_logits_path_float64(model_dirs, tmp_path, arch, direction)
     batch = collate(DATA[:4])
     results = {}
     for fused in (True, False):
-        trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path), fused_linear=fused, **options)
+        trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), fused_linear=fused, **options)
         rows = HeadRows(model)
         results[fused] = loss_and_grads(trainer, model, batch, torch.tensor(23))
         rows.remove()
@@ -118,7 +109,7 @@ def test_full_fine_tuning_with_ref_model_trains_the_head(model_dirs, tmp_path):
     batch = collate(DATA[:4])
     results = {}
     for fused in (True, False):
-        trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path), ref_model=ref, fused_linear=fused,
+        trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_model=ref, fused_linear=fused,
                                      kl_direction="reverse")
         results[fused] = loss_and_grads(trainer, model, batch, None)
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-12, atol=1e-13)
@@ -183,13 +174,13 @@ def test_compute_regularized_loss_override_takes_the_logits(model_dirs, tmp_path
 
     model = peft_model(model_dirs)
     batch = collate(DATA[:4])
-    trainer = FullKLTrainer(model=model, args=args_for(tmp_path))
+    trainer = FullKLTrainer(model=model, args=sgd_args(tmp_path))
     loss = trainer.compute_loss(model, dict(batch))
     n = int((batch["labels"][:, 1:] != -100).sum())
     assert seen == [(n, model.config.vocab_size)]
     torch.testing.assert_close(loss, independent_loss(model, batch)[0].detach(), rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="compute_regularized_loss"):
-        FullKLTrainer(model=model, args=args_for(tmp_path), fused_linear=True)
+        FullKLTrainer(model=model, args=sgd_args(tmp_path), fused_linear=True)
 
 
 @pytest.mark.parametrize("case", ["lora_on_lm_head", "modules_to_save"])
@@ -199,10 +190,10 @@ def test_wrapped_heads_fall_back_to_logits(model_dirs, tmp_path, case):
     model = peft_model(model_dirs, config=config)
     assert linear_head(model)[0] is None
     with pytest.raises(ValueError, match="nn.Linear"):
-        NonTargetKLTrainer(model=model, args=args_for(tmp_path), fused_linear=True)
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), fused_linear=True)
     with pytest.raises(ValueError, match="nn.Linear"):
         nontarget_kl_loss_func(model, fused_linear=True)
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path))
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
     batch = collate(DATA[:4])
     loss = trainer.compute_loss(model, dict(batch))
     torch.testing.assert_close(loss, independent_loss(model, batch)[0].detach(), rtol=1e-10, atol=1e-12)
@@ -211,7 +202,7 @@ def test_wrapped_heads_fall_back_to_logits(model_dirs, tmp_path, case):
 def test_batch_asking_for_hidden_states_takes_the_logits_path(model_dirs, tmp_path):
     # The fused path returns the final hidden states in the outputs' hidden_states field.
     model = peft_model(model_dirs)
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path))
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
     batch = collate(DATA[:4])
     rows = HeadRows(model)
     loss = trainer.compute_loss(model, {**batch, "output_hidden_states": True})
@@ -224,7 +215,7 @@ def test_batch_asking_for_hidden_states_takes_the_logits_path(model_dirs, tmp_pa
 def test_bad_fused_linear_values(model_dirs, tmp_path, value):
     model = peft_model(model_dirs, moved=False)
     with pytest.raises(ValueError, match="fused_linear"):
-        NonTargetKLTrainer(model=model, args=args_for(tmp_path), fused_linear=value)
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), fused_linear=value)
     with pytest.raises(ValueError, match="fused_linear"):
         nontarget_kl_loss_func(model, fused_linear=value)
 
@@ -234,7 +225,7 @@ def test_evaluation_without_predictions_is_fused_and_with_predictions_has_logits
     eval_data = DATA[:6]
     metrics = {}
     for fused in (True, False):
-        trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path), eval_dataset=eval_data, kl_weight=0.5,
+        trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), eval_dataset=eval_data, kl_weight=0.5,
                                      fused_linear=fused)
         rows = HeadRows(model)
         metrics[fused] = trainer.evaluate()
@@ -248,7 +239,7 @@ def test_evaluation_without_predictions_is_fused_and_with_predictions_has_logits
         seen["shape"] = prediction.predictions.shape
         return {}
 
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path), eval_dataset=eval_data, kl_weight=0.5,
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), eval_dataset=eval_data, kl_weight=0.5,
                                  compute_metrics=compute_metrics)
     with_predictions = trainer.evaluate()
     assert seen["shape"][:2] == (6, DATA[0]["input_ids"].shape[0])
@@ -259,7 +250,7 @@ def test_bf16_autocast_first_kl_is_exactly_zero_and_matches_logits(model_dirs, t
     logs = {}
     for fused in (True, False):
         model = peft_model(model_dirs, dtype=torch.float32, moved=False)
-        trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path / str(fused), bf16=True, max_steps=2),
+        trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path / str(fused), bf16=True, max_steps=2),
                                      train_dataset=DATA, fused_linear=fused)
         trainer.train()
         logs[fused] = [log for log in trainer.state.log_history if "loss" in log]

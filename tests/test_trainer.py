@@ -6,9 +6,9 @@ import warnings
 import pytest
 import torch
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
-from tiny_models import LORA_TARGETS, collate, independent_loss, perturb_trainable, tiny_llama, tiny_softcapped, \
+from tiny_models import LORA_TARGETS, collate, sgd_args, independent_loss, perturb_trainable, tiny_llama, tiny_softcapped, \
     toy_token_batches
-from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer
 
 from kl_nontarget import reference
 from kl_nontarget.reference import compute_batch_logits, supports_logits_mask, tuner_layers
@@ -42,15 +42,6 @@ def peft_model(model_dirs, arch="llama", config=None, seed=0, moved=True):
     return model
 
 
-def args_for(tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                  max_steps=2, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
-                  report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0,
-                  disable_tqdm=True)
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
-
-
 def trainable_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -71,7 +62,7 @@ DATA = toy_token_batches(8, seed=3)
 @pytest.mark.parametrize("options", [dict(kl_weight=0.7), dict(kl_weight=2.0, temperature=1.7, kl_direction="reverse")])
 def test_compute_loss_matches_float64_reference(model_dirs, tmp_path, arch, options):
     model = peft_model(model_dirs, arch)
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path), **options)
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), **options)
     batch = collate(DATA[:4])
     num_items = torch.tensor(23)
 
@@ -109,7 +100,7 @@ def test_logits_mask_and_fallback_agree(model_dirs, monkeypatch):
 
 def test_kl_is_zero_before_the_adapter_moves(model_dirs, tmp_path):
     model = peft_model(model_dirs, moved=False)
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path, max_steps=1), train_dataset=DATA)
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, max_steps=1), train_dataset=DATA)
     trainer.train()
     first = trainer.state.log_history[0]
     assert first["nontarget_kl"] == 0.0
@@ -119,10 +110,10 @@ def test_kl_is_zero_before_the_adapter_moves(model_dirs, tmp_path):
 def test_kl_weight_zero_reproduces_plain_trainer(model_dirs, tmp_path):
     common = dict(max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=2)
     plain_model = peft_model(model_dirs)
-    plain = Trainer(model=plain_model, args=args_for(tmp_path / "a", **common), train_dataset=DATA)
+    plain = Trainer(model=plain_model, args=sgd_args(tmp_path / "a", **common), train_dataset=DATA)
     plain.train()
     ours_model = peft_model(model_dirs)
-    ours = NonTargetKLTrainer(model=ours_model, args=args_for(tmp_path / "b", **common), train_dataset=DATA,
+    ours = NonTargetKLTrainer(model=ours_model, args=sgd_args(tmp_path / "b", **common), train_dataset=DATA,
                               kl_weight=0.0)
     ours.train()
     plain_losses = [log["loss"] for log in plain.state.log_history if "loss" in log]
@@ -140,7 +131,7 @@ def test_accumulation_equals_one_big_batch(model_dirs, tmp_path):
     for name, bs, accum in [("big", 4, 1), ("accum", 2, 2)]:
         model = peft_model(model_dirs)
         before = trainable_state(model)
-        trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path / name, per_device_train_batch_size=bs,
+        trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path / name, per_device_train_batch_size=bs,
                                                                 gradient_accumulation_steps=accum),
                                      train_dataset=DATA, kl_weight=1.5)
         trainer.train()
@@ -155,7 +146,7 @@ def test_accumulation_equals_one_big_batch(model_dirs, tmp_path):
 def test_logs_average_the_window_and_evaluation_reports_components(model_dirs, tmp_path):
     model = peft_model(model_dirs)
     kl_weight = 0.5
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path, max_steps=4, logging_steps=2,
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, max_steps=4, logging_steps=2,
                                                             per_device_train_batch_size=2,
                                                             gradient_accumulation_steps=2),
                                  train_dataset=DATA, eval_dataset=DATA[:6], kl_weight=kl_weight)
@@ -187,7 +178,7 @@ def test_requires_grad_flags_and_train_mode_survive(model_dirs, tmp_path):
     for p in frozen:
         p.requires_grad_(False)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path))
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
     model.train()
     loss = trainer.compute_loss(model, collate(DATA[:4]))
     loss.backward()
@@ -200,9 +191,9 @@ def test_merged_adapter_is_refused(model_dirs, tmp_path):
     model = peft_model(model_dirs)
     model.merge_adapter()
     with pytest.raises(ValueError, match="merged"):
-        NonTargetKLTrainer(model=model, args=args_for(tmp_path))
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
     model.unmerge_adapter()
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path))
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
     model.merge_adapter()  # merged after the trainer was built: refused at the next step
     with pytest.raises(ValueError, match="merged"):
         trainer.compute_loss(model, collate(DATA[:2]))
@@ -210,7 +201,7 @@ def test_merged_adapter_is_refused(model_dirs, tmp_path):
 
 def test_a_plain_model_needs_ref_model(model_dirs, tmp_path):
     with pytest.raises(ValueError, match="ref_model"):
-        NonTargetKLTrainer(model=_load_any(model_dirs / "llama"), args=args_for(tmp_path))
+        NonTargetKLTrainer(model=_load_any(model_dirs / "llama"), args=sgd_args(tmp_path))
 
 
 @pytest.mark.parametrize("kwargs, error", [
@@ -219,12 +210,12 @@ def test_a_plain_model_needs_ref_model(model_dirs, tmp_path):
 ])
 def test_bad_options_are_rejected(model_dirs, tmp_path, kwargs, error):
     with pytest.raises(error):
-        NonTargetKLTrainer(model=peft_model(model_dirs, moved=False), args=args_for(tmp_path), **kwargs)
+        NonTargetKLTrainer(model=peft_model(model_dirs, moved=False), args=sgd_args(tmp_path), **kwargs)
 
 
 def test_bad_batches_are_rejected(model_dirs, tmp_path):
     model = peft_model(model_dirs)
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path))
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
     batch = collate(DATA[:2])
     with pytest.raises(ValueError, match="labels"):
         trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "labels"})
@@ -233,9 +224,9 @@ def test_bad_batches_are_rejected(model_dirs, tmp_path):
     with pytest.raises(TypeError, match="integer"):
         trainer.compute_loss(model, {**batch, "labels": batch["labels"].float()})
     with pytest.raises(TypeError, match="ref_model"):
-        NonTargetKLTrainer(model=model, args=args_for(tmp_path), ref_model="base")
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_model="base")
     with pytest.raises(ValueError, match="separate"):
-        NonTargetKLTrainer(model=model, args=args_for(tmp_path), ref_model=model)
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_model=model)
 
 
 @pytest.mark.parametrize("case", ["bias", "unfrozen", "pissa"])
@@ -247,7 +238,7 @@ def test_warns_when_disabled_adapters_are_not_the_base(model_dirs, tmp_path, cas
     if case == "unfrozen":
         model.base_model.model.model.norm.weight.requires_grad_(True)
     with pytest.warns(UserWarning, match="ref_model"):
-        NonTargetKLTrainer(model=model, args=args_for(tmp_path))
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
 
 
 def test_modules_to_save_disabled_is_the_base(model_dirs, tmp_path):
@@ -260,7 +251,7 @@ def test_modules_to_save_disabled_is_the_base(model_dirs, tmp_path):
     perturb_trainable(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        NonTargetKLTrainer(model=model, args=args_for(tmp_path))
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
     out = reference.base_forward(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)
 
@@ -275,7 +266,7 @@ def test_gradient_checkpointing(model_dirs, tmp_path, reentrant):
         model = peft_model(model_dirs)
         extra = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant}) \
             if gc else {}
-        trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path / str(gc), **extra), train_dataset=DATA)
+        trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path / str(gc), **extra), train_dataset=DATA)
         trainer.train()
         states.append(trainable_state(model))
     assert_same_state(states[0], states[1], atol=1e-5)
@@ -284,16 +275,16 @@ def test_gradient_checkpointing(model_dirs, tmp_path, reentrant):
 def test_resume_from_checkpoint(model_dirs, tmp_path):
     common = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
     model = peft_model(model_dirs)
-    NonTargetKLTrainer(model=model, args=args_for(tmp_path / "full", **common), train_dataset=DATA).train()
+    NonTargetKLTrainer(model=model, args=sgd_args(tmp_path / "full", **common), train_dataset=DATA).train()
     expected = trainable_state(model)
 
     model = peft_model(model_dirs)
-    NonTargetKLTrainer(model=model, args=args_for(tmp_path / "cut", **{**common, "max_steps": 2}),
+    NonTargetKLTrainer(model=model, args=sgd_args(tmp_path / "cut", **{**common, "max_steps": 2}),
                        train_dataset=DATA).train()
     checkpoint = tmp_path / "cut" / "out" / "checkpoint-2"
     assert checkpoint.is_dir()
     model = peft_model(model_dirs)  # fresh adapter weights: the checkpoint must restore them
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path / "cut", **common), train_dataset=DATA)
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path / "cut", **common), train_dataset=DATA)
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert_same_state(expected, trainable_state(model), atol=1e-5)
     logs = [log for log in trainer.state.log_history if "loss" in log and log["step"] > 2]
@@ -306,7 +297,7 @@ def test_other_adapter_types(model_dirs, tmp_path, kind):
               "loha": LoHaConfig(r=4, target_modules=LORA_TARGETS),
               "ia3": IA3Config(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}
     model = peft_model(model_dirs, config=config[kind], moved=False)
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path, max_steps=1), train_dataset=DATA)
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, max_steps=1), train_dataset=DATA)
     batch = collate(DATA[:4])
     with torch.no_grad():
         _, ce, kl = independent_loss(model, batch)
@@ -327,7 +318,7 @@ def test_no_hooks_left_merge_and_unload_and_plain_peft_load(model_dirs, tmp_path
         return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) + len(x._backward_hooks) for x in m.modules())
 
     before = hooks(model)
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path, gradient_checkpointing=True),
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, gradient_checkpointing=True),
                                  train_dataset=DATA)
     trainer.train()
     assert hooks(model) <= before + 1  # at most PEFT's own input-grad hook for gradient checkpointing
@@ -350,7 +341,7 @@ def test_full_fine_tuning_with_ref_model(model_dirs, tmp_path, bf16):
     model = _load_any(model_dirs / "llama")
     ref = copy.deepcopy(model).train()
     # bf16: the ref_model runs under the same autocast as the trained model, so the first KL is exactly 0
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path, learning_rate=0.05, bf16=bf16),
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, learning_rate=0.05, bf16=bf16),
                                  train_dataset=DATA, ref_model=ref)
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
     batch = collate(DATA[:4])
@@ -374,7 +365,7 @@ def test_bf16_mixed_precision_and_compute_metrics(model_dirs, tmp_path):
         seen["shape"] = prediction.predictions.shape
         return {}
 
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path, bf16=True, learning_rate=0.05),
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, bf16=True, learning_rate=0.05),
                                  train_dataset=DATA, eval_dataset=DATA[:4], compute_metrics=compute_metrics)
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
@@ -388,7 +379,7 @@ def test_average_tokens_across_devices_scaling(model_dirs, tmp_path, monkeypatch
     # With a token count summed over ranks, each rank's loss is multiplied by the number of ranks (DDP then averages
     # the gradients), as Trainer.compute_loss does; without a count (evaluation) nothing is scaled.
     model = peft_model(model_dirs)
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path, average_tokens_across_devices=True))
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, average_tokens_across_devices=True))
     batch = collate(DATA[:4])
     with torch.no_grad():
         single = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(40))
@@ -401,7 +392,7 @@ def test_average_tokens_across_devices_scaling(model_dirs, tmp_path, monkeypatch
 
 def test_num_items_in_batch_counts_shifted_labels(model_dirs, tmp_path):
     model = peft_model(model_dirs)
-    trainer = NonTargetKLTrainer(model=model, args=args_for(tmp_path))
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
     rows = [dict(r) for r in DATA[:4]]
     for r in rows:  # supervise position 0 too: it is never a prediction target
         r["labels"] = r["labels"].clone()
