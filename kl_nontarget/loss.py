@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from numbers import Real
 
 import torch
 from torch import nn
@@ -44,18 +45,26 @@ def _check_inputs(logits, ref_logits, labels, *, kl_weight, temperature, reducti
                    kl_direction=kl_direction, backend=backend, num_items_in_batch=num_items_in_batch)
 
 
+def check_regularizer_options(kl_weight, temperature, kl_direction) -> None:
+    """TypeError/ValueError for a bad kl_weight, temperature or kl_direction (the losses and the trainers)."""
+    for name, value in (("kl_weight", kl_weight), ("temperature", temperature)):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(kl_weight) and kl_weight >= 0):
+        raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if kl_direction not in DIRECTIONS:
+        raise ValueError(f"kl_direction must be one of {DIRECTIONS}, got {kl_direction!r}")
+
+
 def _check_options(*, kl_weight, temperature, reduction, kl_direction, backend, num_items_in_batch):
     """Checks of the keyword options shared by `nontarget_kl_loss` and `nontarget_kl_linear_loss`."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if kl_direction not in DIRECTIONS:
-        raise ValueError(f"kl_direction must be one of {DIRECTIONS}, got {kl_direction!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight) and kl_weight >= 0):
-        raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
+    check_regularizer_options(kl_weight, temperature, kl_direction)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             if num_items_in_batch.numel() != 1:

@@ -17,36 +17,23 @@ The logic lives in `NonTargetKLMixin`, shared with `kl_nontarget.trl.NonTargetKL
 
 from __future__ import annotations
 
-import math
 import warnings
-from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
 from kl_nontarget.linear import nontarget_kl_linear_loss
-from kl_nontarget.loss import nontarget_kl_loss
+from kl_nontarget.loss import check_regularizer_options, nontarget_kl_loss
 from kl_nontarget.reference import FUSED_LINEAR_OPTIONS, IGNORE_INDEX, BatchHidden, check_reference, \
     compute_batch_hidden, compute_batch_logits, fused_heads, head_tensors, prepare_ref_model, shifted_labels
-
-KL_DIRECTIONS = ("forward", "reverse")
-
 
 def check_options(kl_weight, temperature, kl_direction, fused_linear="auto") -> None:
     """TypeError/ValueError for bad regularizer options (shared by the trainers and the hook)."""
     if not (fused_linear is True or fused_linear is False or (isinstance(fused_linear, str)
                                                                and fused_linear in FUSED_LINEAR_OPTIONS)):
         raise ValueError(f"fused_linear must be True, False or 'auto', got {fused_linear!r}")
-    for name, value in (("kl_weight", kl_weight), ("temperature", temperature)):
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(kl_weight) and kl_weight >= 0):
-        raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if kl_direction not in KL_DIRECTIONS:
-        raise ValueError(f"kl_direction must be one of {KL_DIRECTIONS}, got {kl_direction!r}")
+    check_regularizer_options(kl_weight, temperature, kl_direction)
 
 
 class NonTargetKLMixin:

@@ -286,6 +286,13 @@ def test_bad_options(kw, match):
         nontarget_kl_loss(logits, ref, labels, **kw)
 
 
+@pytest.mark.parametrize("kw", [dict(kl_weight="1"), dict(kl_weight=True), dict(temperature=None)])
+def test_non_numeric_options(kw):
+    logits, ref, labels = make_inputs((4,), 10)
+    with pytest.raises(TypeError, match="must be a number"):
+        nontarget_kl_loss(logits, ref, labels, **kw)
+
+
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     logits, ref, labels = make_inputs((4,), 10)
