@@ -23,14 +23,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kl_nontarget.loss import (_check_label_range, _check_options, _graph_is_kept, _reduction_scale, _resolve_backend,
-                               _rows_fn)
+from kl_nontarget.loss import (LABEL_DTYPES, _check_label_range, _check_options, _graph_is_kept, _reduction_scale,
+                               _resolve_backend, _rows_fn)
 
 # Budget for one chunk's logits-sized blocks (adapted and base logits, their gradient, the soft-cap's tanh).
 CPU_CHUNK_BYTES = 64 * 2**20
 CUDA_CHUNK_BYTES = 1 * 2**30
-
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, *,
@@ -71,7 +69,7 @@ def _check_linear_inputs(hidden, ref_hidden, weight, labels, bias, ref_weight, l
         if t is not None and t.dtype != hidden.dtype:
             raise TypeError(f"{name} dtype {t.dtype} does not match hidden dtype {hidden.dtype}; cast them to one "
                             "dtype (the logits are computed in it)")
-    if labels.dtype not in _INT_DTYPES:
+    if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"labels must be an integer tensor of token ids, got dtype {labels.dtype}")
     if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] < 1:
         raise ValueError(f"weight must be the LM head's (vocab_size, hidden_size) matrix, got shape "

@@ -16,6 +16,7 @@ from torch import nn
 REDUCTIONS = ("mean", "sum", "none")
 DIRECTIONS = ("forward", "reverse")
 BACKENDS = ("auto", "triton", "torch")
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 def _check_inputs(logits, ref_logits, labels, *, kl_weight, temperature, reduction, kl_direction, backend,
@@ -28,7 +29,7 @@ def _check_inputs(logits, ref_logits, labels, *, kl_weight, temperature, reducti
     if ref_logits.dtype != logits.dtype:
         raise TypeError(f"ref_logits dtype {ref_logits.dtype} does not match logits dtype {logits.dtype}; "
                         "cast one of them so both models' logits share a dtype")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+    if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"labels must be an integer tensor of token ids, got dtype {labels.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have a vocabulary dimension, got shape {tuple(logits.shape)}")
