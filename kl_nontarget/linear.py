@@ -18,13 +18,14 @@ None), which covers heads that scale (Cohere, Granite: pass 1 / logits_scaling) 
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from kl_nontarget.loss import (LABEL_DTYPES, _check_label_range, _check_options, _graph_is_kept, _reduction_scale,
-                               _resolve_backend, _rows_fn)
+from kl_nontarget.options import is_positive_number
+from kl_nontarget.plumbing import LABEL_DTYPES, RowParams, check_label_range, check_loss_options, graph_is_kept, \
+    resolve_backend, scale_saved_grads
 
 # Budget for one chunk's logits-sized blocks (adapted and base logits, their gradient, the soft-cap's tanh).
 CPU_CHUNK_BYTES = 64 * 2**20
@@ -52,10 +53,9 @@ def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype, device: to
     return int(max(1, min(rows, max(num_rows, 1))))
 
 
-def _check_number(name, value, *, positive):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-            positive and value <= 0):
-        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+def _check_positive(name, value):
+    if not is_positive_number(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _check_linear_inputs(hidden, ref_hidden, weight, labels, bias, ref_weight, logit_scale, softcap, chunk_size):
@@ -93,16 +93,17 @@ def _check_linear_inputs(hidden, ref_hidden, weight, labels, bias, ref_weight, l
     if len(devices) > 1:
         raise ValueError("hidden, ref_hidden, weight, labels, bias and ref_weight must be on one device, got "
                          f"{sorted(str(x) for x in devices)}")
-    _check_number("logit_scale", logit_scale, positive=True)
+    _check_positive("logit_scale", logit_scale)
     if softcap is not None:
-        _check_number("softcap", softcap, positive=True)
+        _check_positive("softcap", softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _logits(h, w, b, logit_scale, softcap, keep_tanh):
-    """(logits in h's dtype, float32 tanh for the chain rule or None) of one chunk."""
+def head_logits(h, w, b, logit_scale=1.0, softcap=None, keep_tanh=False):
+    """(logits in h's dtype, float32 tanh for the chain rule or None) of one chunk: the LM head's transform
+    `softcap * tanh(logit_scale * (h @ w.T + b) / softcap)` (no tanh when `softcap` is None), written once."""
     x = F.linear(h, w, b)
     if softcap is None:
         if logit_scale != 1.0:
@@ -114,11 +115,21 @@ def _logits(h, w, b, logit_scale, softcap, keep_tanh):
     return logits, (t if keep_tanh else None)
 
 
-class _Job:
+@dataclass(frozen=True)
+class _Chunks:
     """Everything but the differentiable inputs: the chunk loop runs from here in forward and backward."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    params: RowParams
+    rows: torch.Tensor  # (n_supervised,) indices of the supervised rows
+    chunk: int
+    labels: torch.Tensor  # (N,) int64
+    ref_hidden: torch.Tensor  # (N, d), detached
+    ref_weight: torch.Tensor | None
+    logit_scale: float
+    softcap: float | None
+    stat_dtype: torch.dtype
+    grad_scale: torch.Tensor  # the row gradients' factor: RowParams.grad_scale * logit_scale
+    want: tuple  # (hidden, weight, bias) need a gradient
 
     def run(self, h2, weight, bias, *, grad_scale, want_h, want_w, want_b, row_weight=None):
         """Per-row (ce, kl) over all rows and the requested gradients (grad_w, grad_b in the parameter dtype).
@@ -144,10 +155,10 @@ class _Job:
             for start in range(0, rows.numel(), self.chunk):
                 r = rows[start:start + self.chunk]
                 h = h2.index_select(0, r)
-                z, t = _logits(h, w, b, self.logit_scale, self.softcap, keep_tanh=compute_grad)
-                zb, _ = _logits(self.ref_hidden.index_select(0, r), rw, b, self.logit_scale, self.softcap, False)
-                c_ce, c_kl, g = self.rows_fn(z, zb, self.labels.index_select(0, r), grad_scale=grad_scale,
-                                             compute_grad=compute_grad, **self.opts)
+                z, t = head_logits(h, w, b, self.logit_scale, self.softcap, keep_tanh=compute_grad)
+                zb, _ = head_logits(self.ref_hidden.index_select(0, r), rw, b, self.logit_scale, self.softcap, False)
+                c_ce, c_kl, g = self.params.rows(z, zb, self.labels.index_select(0, r), grad_scale=grad_scale,
+                                                 compute_grad=compute_grad)
                 del z, zb
                 ce.index_copy_(0, r, c_ce.to(ce.dtype))
                 kl.index_copy_(0, r, c_kl.to(kl.dtype))
@@ -186,12 +197,7 @@ class _Job:
         return ce, kl, grad_h, grad_w, grad_b
 
     def reduce(self, ce, kl):
-        if self.reduction == "none":
-            shape = self.label_shape
-            return (ce + self.kl_factor * kl).reshape(shape), ce.reshape(shape), kl.reshape(shape)
-        ce_sum, kl_sum = ce.sum(), kl.sum()
-        s = self.scale
-        return (ce_sum + self.kl_factor * kl_sum) * s, ce_sum * s, kl_sum * s
+        return self.params.reduce(ce, kl)
 
 
 class _NonTargetKLLinearFunction(torch.autograd.Function):
@@ -201,7 +207,7 @@ class _NonTargetKLLinearFunction(torch.autograd.Function):
     def forward(ctx, h2, weight, bias, job):
         want_h, want_w, want_b = job.want
         ctx.want = job.want
-        ctx.deferred = job.reduction == "none" and (want_w or want_b)
+        ctx.deferred = job.params.reduction == "none" and (want_w or want_b)
         if ctx.deferred:
             ctx.job = job
             # Per-row weights of grad_W arrive only with the backward: recompute the chunks there.
@@ -219,7 +225,7 @@ class _NonTargetKLLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         want_h, want_w, want_b = ctx.want
-        keep = _graph_is_kept()
+        keep = graph_is_kept()
         if ctx.deferred:
             h2, weight, bias = ctx.saved_tensors
             job = ctx.job
@@ -234,14 +240,8 @@ class _NonTargetKLLinearFunction(torch.autograd.Function):
         gh, gw, gb = ctx.grads
         if not keep:
             ctx.grads = None  # let the buffers go once autograd has taken them
-        if grad_loss.dim() > 0:  # reduction="none": one weight per row, and only grad_h exists here
-            factor = grad_loss.reshape(-1, 1)
-        elif not bool(grad_loss == 1):
-            factor = grad_loss
-        else:  # the common case, loss.backward(): nothing to do
-            return gh, gw, gb, None
-        # Scaled in place (one rounding) unless the graph is kept for another backward.
-        gh, gw, gb = (None if g is None else (g if not keep else g.clone()).mul_(factor) for g in (gh, gw, gb))
+        # reduction="none" reaches here with grad_h only: one weight per row.
+        gh, gw, gb = scale_saved_grads(grad_loss, (gh, gw, gb), keep=keep)
         return gh, gw, gb, None
 
 
@@ -274,18 +274,19 @@ def nontarget_kl_linear_loss(hidden, ref_hidden, weight, labels, *, bias=None, r
         The loss, or `(loss, ce, kl)` with `return_components=True`.
     """
     _check_linear_inputs(hidden, ref_hidden, weight, labels, bias, ref_weight, logit_scale, softcap, chunk_size)
-    _check_options(kl_weight=kl_weight, temperature=temperature, reduction=reduction, kl_direction=kl_direction,
-                   backend=backend, num_items_in_batch=num_items_in_batch)
+    check_loss_options(kl_weight=kl_weight, temperature=temperature, reduction=reduction, kl_direction=kl_direction,
+                       backend=backend, num_items_in_batch=num_items_in_batch)
     vocab, d = weight.shape
-    _check_label_range(labels, vocab, ignore_index)
-    backend = _resolve_backend(backend, hidden.device)
+    check_label_range(labels, vocab, ignore_index)
+    backend = resolve_backend(backend, hidden.device)
 
     h2 = hidden.reshape(-1, d)
     y = labels.reshape(-1).to(torch.int64)
     rows = torch.nonzero(y != ignore_index).squeeze(1)
     stat_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    scale = _reduction_scale(y, reduction=reduction, ignore_index=ignore_index,
-                             num_items_in_batch=num_items_in_batch, dtype=stat_dtype)
+    params = RowParams.build(labels, y, backend=backend, kl_weight=kl_weight, temperature=temperature,
+                             ignore_index=ignore_index, reduction=reduction, kl_direction=kl_direction,
+                             num_items_in_batch=num_items_in_batch, stat_dtype=stat_dtype)
     if chunk_size is None:
         chunk_size = default_chunk_size(rows.numel(), vocab, hidden.dtype, hidden.device, softcap=softcap)
 
@@ -295,16 +296,11 @@ def nontarget_kl_linear_loss(hidden, ref_hidden, weight, labels, *, bias=None, r
     grad_on = torch.is_grad_enabled() and (want_h or want_w or want_b)
     # The logit scale is folded into the row function's gradient factor: its output is then d loss / d(x W^T + b)
     # up to the soft-cap's derivative.
-    row_scale = torch.ones_like(scale) if reduction == "none" else scale
-    job = _Job(
-        rows=rows, chunk=chunk_size, labels=y, ref_hidden=ref_hidden.detach().reshape(-1, d),
+    job = _Chunks(
+        params=params, rows=rows, chunk=chunk_size, labels=y, ref_hidden=ref_hidden.detach().reshape(-1, d),
         ref_weight=ref_weight.detach() if ref_weight is not None else None,
-        logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap),
-        rows_fn=_rows_fn(backend), stat_dtype=stat_dtype, reduction=reduction, label_shape=labels.shape,
-        scale=scale, kl_factor=kl_weight * temperature ** 2, grad_scale=row_scale * float(logit_scale),
-        opts=dict(kl_weight=kl_weight, temperature=temperature, ignore_index=ignore_index,
-                  reverse=kl_direction == "reverse"),
-        want=(want_h, want_w, want_b),
+        logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap), stat_dtype=stat_dtype,
+        grad_scale=params.grad_scale * float(logit_scale), want=(want_h, want_w, want_b),
     )
     if grad_on:
         loss, ce, kl = _NonTargetKLLinearFunction.apply(h2, weight, bias, job)

@@ -1,0 +1,104 @@
+"""`RegularizerOptions`: the one typed, frozen set of regularizer options, validated once.
+
+The trainers, the `compute_loss_func` hook and (through their config classes) the command line all hold one of these.
+To add an option, add a field with its default and its check in `__post_init__`; everything that holds a
+`RegularizerOptions` then carries it (`dataclasses.replace(options, field=value)` derives a changed copy).
+
+This module imports nothing heavy: it sits at the bottom of the package (see docs/design.md, "Architecture").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import Literal, Union
+
+DIRECTIONS = ("forward", "reverse")
+FUSED_LINEAR_OPTIONS = (True, False, "auto")
+
+KLDirection = Literal["forward", "reverse"]
+FusedLinear = Union[bool, Literal["auto"]]
+
+
+def check_regularizer_options(kl_weight, temperature, kl_direction) -> None:
+    """TypeError/ValueError for a bad kl_weight, temperature or kl_direction (the losses and the trainers)."""
+    for name, value in (("kl_weight", kl_weight), ("temperature", temperature)):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(kl_weight) and kl_weight >= 0):
+        raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if kl_direction not in DIRECTIONS:
+        raise ValueError(f"kl_direction must be one of {DIRECTIONS}, got {kl_direction!r}")
+
+
+def is_positive_number(value) -> bool:
+    """Whether `value` is a finite real number > 0 (bools excluded)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_fused_linear(fused_linear) -> None:
+    """ValueError unless `fused_linear` is True, False or "auto"."""
+    if not (fused_linear is True or fused_linear is False or (isinstance(fused_linear, str)
+                                                               and fused_linear in FUSED_LINEAR_OPTIONS)):
+        raise ValueError(f"fused_linear must be True, False or 'auto', got {fused_linear!r}")
+
+
+@dataclass(frozen=True)
+class RegularizerOptions:
+    """Options of the non-target KL regularizer shared by the trainers and the `compute_loss_func` hook.
+
+    Args:
+        kl_weight: weight of the non-target KL (>= 0; 0 gives plain cross-entropy).
+        temperature: temperature of both non-target distributions (> 0; the KL is scaled by T^2).
+        kl_direction: "forward" for KL(base || adapted), "reverse" for KL(adapted || base).
+        fused_linear: "auto", True or False: whether the loss is computed from final hidden states and the LM head
+            (no N x V logits) when the model qualifies; see `kl_nontarget.NonTargetKLTrainer`.
+
+    Raises TypeError/ValueError at construction for a bad value; numbers are stored as floats.
+    """
+
+    kl_weight: float = 1.0
+    temperature: float = 1.0
+    kl_direction: KLDirection = "forward"
+    fused_linear: FusedLinear = "auto"
+
+    def __post_init__(self):
+        check_fused_linear(self.fused_linear)
+        check_regularizer_options(self.kl_weight, self.temperature, self.kl_direction)
+        # Normalised once here, so every consumer sees plain floats (ints and numpy scalars are accepted above).
+        object.__setattr__(self, "kl_weight", float(self.kl_weight))
+        object.__setattr__(self, "temperature", float(self.temperature))
+
+    @property
+    def reverse(self) -> bool:
+        """Whether the KL is KL(adapted || base)."""
+        return self.kl_direction == "reverse"
+
+    def loss_kwargs(self) -> dict:
+        """The keywords of `nontarget_kl_loss` / `nontarget_kl_linear_loss` these options set."""
+        return {"kl_weight": self.kl_weight, "temperature": self.temperature, "kl_direction": self.kl_direction}
+
+    def replace(self, **changes) -> RegularizerOptions:
+        """A validated copy with `changes` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+def options_from(options: RegularizerOptions | None = None, **keywords) -> RegularizerOptions:
+    """`options` (a `RegularizerOptions`), or one built from the loose `keywords` (its field names).
+
+    The trainers and the hook accept either form: `options=RegularizerOptions(...)` or `kl_weight=..., ...`. With
+    `options`, keywords must be left at their defaults (ValueError otherwise: which value would win is unclear).
+    """
+    if options is None:
+        return RegularizerOptions(**keywords)
+    if not isinstance(options, RegularizerOptions):
+        raise TypeError(f"options must be a RegularizerOptions, got {type(options).__name__}")
+    defaults = {f.name: f.default for f in dataclasses.fields(RegularizerOptions)}
+    changed = sorted(k for k, v in keywords.items() if k in defaults and v is not defaults[k] and v != defaults[k])
+    if changed:
+        raise ValueError(f"pass either options= or {', '.join(changed)}, not both")
+    return options
