@@ -151,7 +151,7 @@ def measure_bandwidth_gbps(device: str) -> float:
     src.fill_(1)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, warmup=3, reps=10 if device == "cuda" else 5)
-    del src, dst
+    src = dst = None  # free both buffers before measuring what is left
     free_memory(device)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 

@@ -304,7 +304,8 @@ def print_table(rows, out=sys.stdout):
 
 
 def check_targets(rows, device):
-    """Lines comparing the rows with design.md section 2's targets, where the grid contains the target shape."""
+    """Lines comparing the rows with the targets (docs/design.md, "Cost and targets"), where the grid contains the
+    target shape."""
     idx = {(r["impl"], r["N"], r["V"], r["dtype"]): r for r in rows if r["status"] == "ok"}
     lines = []
     if device == "cpu":
@@ -345,7 +346,7 @@ def parse_args(argv=None):
                    help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="a tiny grid (CPU: seconds; GPU: two shapes)")
     p.add_argument("--cpu-target", action="store_true",
-                   help="design.md's CPU target: N=4096, V=32000, fp32, torch backend vs eager (implies --device cpu)")
+                   help="the CPU target: N=4096, V=32000, fp32, torch backend vs eager (implies --device cpu)")
     p.add_argument("--N", type=int, nargs="+", help="token counts (default: 4096 16384 32768)")
     p.add_argument("--V", type=int, nargs="+", help="vocabulary sizes (default: 32000 128256 151936 262144)")
     p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), help="default: bf16 fp32")

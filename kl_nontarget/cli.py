@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch threads (default: torch's, one per core; 1 is faster on cores busy with other work)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    ev = sub.add_parser("eval", help="forgetting of a saved adapter against its base on a local text or JSON-lines file",
+    ev = sub.add_parser("eval",
+                        help="forgetting of a saved adapter against its base on a local text or JSON-lines file",
                         description="Loads the base model and the PEFT adapter, then reports Lf (cross-entropy of the "
                         "adapted model's next-token predictions against the base's), its KL version, retention "
                         "perplexity and accuracy drift on the file's text.")
@@ -102,6 +103,7 @@ def evaluate_adapter(adapter, data, *, base=None, tokenizer=None, text_field="te
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kl_nontarget.batching import padded_loader
     from kl_nontarget.metrics import forgetting_metrics
 
     peft_config = PeftConfig.from_pretrained(adapter)
@@ -119,9 +121,7 @@ def evaluate_adapter(adapter, data, *, base=None, tokenizer=None, text_field="te
     texts = load_texts(data, text_field, max_samples)
     enc = tok(texts, truncation=True, max_length=max_length)
     rows = [{"input_ids": ids} for ids in enc["input_ids"] if len(ids) > 1]
-    from kl_nontarget.demo.data import loader
-
-    metrics = forgetting_metrics(model, loader(rows, tok.pad_token_id, batch_size), progress=progress)
+    metrics = forgetting_metrics(model, padded_loader(rows, tok.pad_token_id, batch_size), progress=progress)
     metrics.update(examples=len(rows), adapter=str(adapter), base=str(base), data=str(data))
     return metrics
 

@@ -24,8 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from kl_nontarget.options import is_positive_number
-from kl_nontarget.plumbing import LABEL_DTYPES, RowParams, check_label_range, check_loss_options, graph_is_kept, \
-    resolve_backend, scale_saved_grads
+from kl_nontarget.plumbing import (
+    LABEL_DTYPES,
+    RowParams,
+    check_label_range,
+    check_loss_options,
+    graph_is_kept,
+    resolve_backend,
+    scale_saved_grads,
+)
 
 # Budget for one chunk's logits-sized blocks (adapted and base logits, their gradient, the soft-cap's tanh).
 CPU_CHUNK_BYTES = 64 * 2**20

@@ -11,8 +11,17 @@ import torch
 from torch import nn
 
 from kl_nontarget.options import DIRECTIONS, check_regularizer_options
-from kl_nontarget.plumbing import BACKENDS, LABEL_DTYPES, REDUCTIONS, RowParams, check_label_range, \
-    check_loss_options, graph_is_kept, resolve_backend, scale_saved_grads
+from kl_nontarget.plumbing import (
+    BACKENDS,
+    LABEL_DTYPES,
+    REDUCTIONS,
+    RowParams,
+    check_label_range,
+    check_loss_options,
+    graph_is_kept,
+    resolve_backend,
+    scale_saved_grads,
+)
 
 __all__ = ["BACKENDS", "DIRECTIONS", "LABEL_DTYPES", "REDUCTIONS", "NonTargetKLLoss", "check_regularizer_options",
            "nontarget_kl_loss"]

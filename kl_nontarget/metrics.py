@@ -21,6 +21,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from kl_nontarget.base_model import adapters_disabled, device_of, has_adapters
+
 __all__ = ["kl_decomposition", "token_statistics", "evaluate_lm", "forgetting_metrics", "base_model_context"]
 
 
@@ -34,8 +36,8 @@ def kl_decomposition(base_logits, logits, labels):
 
     full = KL(p || q) over the whole vocabulary; binary = KL_binary(p_y || q_y), the two-outcome KL of "gold or
     not"; nontarget = KL between p and q with the gold entry removed and renormalised. They satisfy
-    full = binary + (1 - p_y) * nontarget (design.md section 7). Rows are the leading dimensions; labels index the
-    gold token of each row (no ignore_index handling here).
+    full = binary + (1 - p_y) * nontarget (docs/design.md, "Why drop the gold token"). Rows are the leading
+    dimensions; labels index the gold token of each row (no ignore_index handling here).
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
     z = logits.to(dtype)
@@ -91,29 +93,17 @@ def token_statistics(logits, labels, base_logits=None, ignore_index=-100):
 def base_model_context(model, base_model=None):
     """Yields a callable that runs the base model: `base_model` itself, or `model` with its adapters disabled.
 
-    PEFT's `disable_adapter()` sets requires_grad=True on the adapter weights when it exits; the flags are saved
-    and restored here.
+    The adapters are disabled as in training (`base_model.adapters_disabled`): every requires_grad flag and train/eval
+    mode is restored afterwards, and merged adapters are refused.
     """
     if base_model is not None:
         yield base_model
         return
-    if not hasattr(model, "disable_adapter"):
+    if not has_adapters(model):
         raise TypeError(f"{type(model).__name__} has no adapters to disable: pass the base model explicitly "
                         "(base_model=...) or a PEFT model")
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        with model.disable_adapter():
-            yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def _device(model):
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    with adapters_disabled(model):
+        yield model
 
 
 def _prepare(batch, device):
@@ -148,7 +138,7 @@ def evaluate_lm(model, dataloader, *, ignore_index=-100, progress=True, desc="ev
     Also `sequence_accuracy`: the fraction of sequences whose supervised tokens are all predicted (teacher-forced
     argmax), the exact-match accuracy of short answers.
     """
-    device = _device(model)
+    device = device_of(model)
     sums = {"tokens": 0.0, "nll": 0.0, "correct": 0.0}
     seqs = seq_ok = 0
     with torch.no_grad(), _eval_mode(model):
@@ -183,14 +173,14 @@ def forgetting_metrics(model, dataloader, *, base_model=None, ignore_index=-100,
     (perplexities on the data's tokens), `accuracy`, `base_accuracy`, `accuracy_drift` (accuracy - base_accuracy),
     `agreement` (fraction of positions where both argmaxes agree) and `tokens`.
     """
-    device = _device(model)
+    device = device_of(model)
     keys = ("tokens", "nll", "correct", "cross_entropy", "base_entropy", "kl", "base_nll", "base_correct", "agree")
     sums = dict.fromkeys(keys, 0.0)
     with torch.no_grad(), _eval_mode(model, base_model):
         for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
             inputs, labels = _prepare(batch, device)
             with base_model_context(model, base_model) as base:
-                base_inputs = {k: (v.to(_device(base)) if isinstance(v, torch.Tensor) else v)
+                base_inputs = {k: (v.to(device_of(base)) if isinstance(v, torch.Tensor) else v)
                                for k, v in inputs.items()}
                 base_logits = _logits(base, base_inputs).to(device)
             logits = _logits(model, inputs)

@@ -3,9 +3,9 @@
 The logic lives in `NonTargetKLMixin`, shared with `kl_nontarget.trl.NonTargetKLSFTTrainer`:
 
 - `compute_loss` gets (adapted logits, base logits, shifted labels) on the supervised positions from
-  `reference.compute_batch_logits`, then calls `compute_regularized_loss`, the method a subclass overrides to change
+  `batch.compute_batch_logits`, then calls `compute_regularized_loss`, the method a subclass overrides to change
   the regularizer (it receives already shifted and selected rows);
-- with a plain linear LM head whose logit transform is known (`reference.linear_head`), the loss takes the final
+- with a plain linear LM head whose logit transform is known (`lm_head.linear_head`), the loss takes the final
   hidden states of both passes and the head's weight instead (`fused_linear`, see `NonTargetKLTrainer`), so no
   N x V logits exist; the logits path remains for evaluation with predictions, for subclasses that override
   `compute_regularized_loss`, and for other heads;
@@ -17,55 +17,68 @@ The logic lives in `NonTargetKLMixin`, shared with `kl_nontarget.trl.NonTargetKL
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from kl_nontarget.linear import nontarget_kl_linear_loss
-from kl_nontarget.loss import check_regularizer_options, nontarget_kl_loss
-from kl_nontarget.reference import FUSED_LINEAR_OPTIONS, IGNORE_INDEX, BatchHidden, check_reference, \
-    compute_batch_hidden, compute_batch_logits, fused_heads, head_tensors, prepare_ref_model, shifted_labels
+from kl_nontarget.base_model import check_reference, prepare_ref_model
+from kl_nontarget.batch import IGNORE_INDEX, BatchHidden, compute_batch_hidden, compute_batch_logits, shifted_labels
+from kl_nontarget.batch_loss import fused_loss, require_fused, step_heads
+from kl_nontarget.components import ComponentLog
+from kl_nontarget.loss import nontarget_kl_loss
+from kl_nontarget.options import RegularizerOptions, options_from
+
 
 def check_options(kl_weight, temperature, kl_direction, fused_linear="auto") -> None:
-    """TypeError/ValueError for bad regularizer options (shared by the trainers and the hook)."""
-    if not (fused_linear is True or fused_linear is False or (isinstance(fused_linear, str)
-                                                               and fused_linear in FUSED_LINEAR_OPTIONS)):
-        raise ValueError(f"fused_linear must be True, False or 'auto', got {fused_linear!r}")
-    check_regularizer_options(kl_weight, temperature, kl_direction)
+    """TypeError/ValueError for bad regularizer options (kept for callers; `RegularizerOptions` does the checks)."""
+    RegularizerOptions(kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
+                       fused_linear=fused_linear)
 
 
 class NonTargetKLMixin:
     """Loss, logging and evaluation of the non-target KL for a `transformers.Trainer` subclass.
 
-    Call `_init_nontarget_kl(...)` at the end of `__init__`.
+    Call `_init_nontarget_kl(options, ref_model)` at the end of `__init__`. The regularizer's options are
+    `self.options` (a `RegularizerOptions`); `kl_weight`, `temperature`, `kl_direction` and `fused_linear` read it.
     """
 
-    def _init_nontarget_kl(self, *, kl_weight, temperature, kl_direction, ref_model, fused_linear="auto"):
-        check_options(kl_weight, temperature, kl_direction, fused_linear)
-        self.kl_weight = float(kl_weight)
-        self.temperature = float(temperature)
-        self.kl_direction = kl_direction
-        self.fused_linear = fused_linear
+    options: RegularizerOptions
+
+    def _init_nontarget_kl(self, options: RegularizerOptions | None = None, ref_model=None, **keywords):
+        self.options = options_from(options, **keywords)
         if self.model is not None:
             check_reference(self.model, ref_model)
         self.ref_model = None if ref_model is None else prepare_ref_model(ref_model, self.args.device)
         self._loss_only_prediction = False
-        if fused_linear is True:
+        if self.options.fused_linear is True:
             if self._overrides_regularized_loss():
                 raise ValueError(f"fused_linear=True: {type(self).__name__} overrides compute_regularized_loss, which "
                                  "takes logits; use fused_linear='auto' or False")
             if self.model is not None:
-                heads, reason = fused_heads(self.model, self.ref_model)
-                if heads is None:
-                    raise ValueError(f"fused_linear=True, but the fused-linear loss cannot be used: {reason}. Use "
-                                     "fused_linear='auto' to fall back to the logits")
+                require_fused(self.model, self.ref_model)
         # The loss is normalised by `num_items_in_batch`: ask the Trainer to count the tokens of the accumulation
         # window (and not to divide the loss by the accumulation steps again).
         self.model_accepts_loss_kwargs = True
-        self._kl_sums = {"train": self._zero_sums(), "eval": self._zero_sums()}
-        self._kl_window_start = None
+        self.component_log = ComponentLog()
+
+    @property
+    def kl_weight(self) -> float:
+        return self.options.kl_weight
+
+    @property
+    def temperature(self) -> float:
+        return self.options.temperature
+
+    @property
+    def kl_direction(self) -> str:
+        return self.options.kl_direction
+
+    @property
+    def fused_linear(self):
+        return self.options.fused_linear
 
     # -- the loss ------------------------------------------------------------------------------------------------
 
@@ -83,28 +96,24 @@ class NonTargetKLMixin:
             `loss = (sum CE + kl_weight * T^2 * sum KL) / D`, and the detached `ce = sum CE / D` and
             `kl = sum KL / D` (the KL before kl_weight and T^2).
         """
-        return nontarget_kl_loss(logits, ref_logits, labels, kl_weight=self.kl_weight, temperature=self.temperature,
-                                 kl_direction=self.kl_direction, num_items_in_batch=num_items_in_batch,
-                                 return_components=True)
+        return nontarget_kl_loss(logits, ref_logits, labels, num_items_in_batch=num_items_in_batch,
+                                 return_components=True, **self.options.loss_kwargs())
 
     def compute_fused_loss(self, batch: BatchHidden, num_items_in_batch):
         """(loss, ce, kl) of `compute_regularized_loss` from final hidden states and the LM head (no N x V logits)."""
-        with head_tensors(batch) as tensors:
-            return nontarget_kl_linear_loss(
-                tensors["hidden"], tensors["ref_hidden"], tensors["weight"], tensors["labels"], bias=tensors["bias"],
-                ref_weight=tensors["ref_weight"], logit_scale=tensors["logit_scale"], softcap=tensors["softcap"],
-                kl_weight=self.kl_weight, temperature=self.temperature, kl_direction=self.kl_direction,
-                num_items_in_batch=num_items_in_batch, return_components=True)
+        return fused_loss(batch, self.options, num_items_in_batch, return_components=True)
 
     def _overrides_regularized_loss(self):
         return type(self).compute_regularized_loss is not NonTargetKLMixin.compute_regularized_loss
 
     def _fused_heads(self, model, needs_logits):
         """The (head, ref_head) pair when this loss call takes the fused-linear path, else None."""
-        if self.fused_linear is False or needs_logits or self._overrides_regularized_loss():
+        if self._overrides_regularized_loss():
             return None
-        heads, reason = fused_heads(self.accelerator.unwrap_model(model), self.ref_model)
-        if heads is None and self.fused_linear is True and not getattr(self, "_fused_fallback_warned", False):
+        heads, reason = step_heads(self.accelerator.unwrap_model(model), self.ref_model, self.options,
+                                   needs_logits=needs_logits)
+        if heads is None and self.fused_linear is True and not needs_logits \
+                and not getattr(self, "_fused_fallback_warned", False):
             self._fused_fallback_warned = True
             warnings.warn(f"fused_linear=True, but this step uses the logits: {reason}", UserWarning, stacklevel=3)
         return heads
@@ -143,7 +152,8 @@ class NonTargetKLMixin:
             outputs = batch.outputs
         scale = 1.0
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # As Trainer.compute_loss: the count covers every rank and DDP averages the gradients (design.md §1).
+            # As Trainer.compute_loss: the count covers every rank and DDP averages the gradients
+            # (docs/design.md, "Reductions").
             tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
             scale = self.accelerator.num_processes // tp_size if self.args.n_gpu <= 1 else self.args.n_gpu
             loss = loss * scale
@@ -152,8 +162,8 @@ class NonTargetKLMixin:
         return (loss, outputs) if return_outputs else loss
 
     def _after_loss(self, batch, inputs, model):
-        """Hook for subclasses (the SFT subclass computes TRL's metrics here); `batch` is a `reference.BatchLogits`
-        or, on the fused-linear path, a `reference.BatchHidden`."""
+        """Hook for subclasses (the SFT subclass computes TRL's metrics here); `batch` is a `batch.BatchLogits`
+        or, on the fused-linear path, a `batch.BatchHidden`."""
 
     # -- counting tokens -----------------------------------------------------------------------------------------
 
@@ -170,16 +180,9 @@ class NonTargetKLMixin:
 
     # -- logging -------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _zero_sums():
-        return {"ce": 0.0, "kl": 0.0, "weight": 0.0}
-
     def _record_components(self, ce, kl, scale, num_items_in_batch, inputs, model):
         mode = "train" if model.training else "eval"
-        sums = self._kl_sums[mode]
         if mode == "train":
-            if self._kl_window_start is None:
-                self._kl_window_start = self.state.global_step
             # Scaled like the loss the Trainer logs: summed over the micro-batches of a step, it is that step's mean.
             if num_items_in_batch is None:
                 steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
@@ -189,9 +192,7 @@ class NonTargetKLMixin:
             # Evaluation averages per-batch values weighted by batch size, like `eval_loss`.
             labels = inputs.get("labels", inputs.get("shift_labels"))
             weight = float(labels.shape[0])
-        sums["ce"] = sums["ce"] + ce.detach().float() * weight
-        sums["kl"] = sums["kl"] + kl.detach().float() * weight
-        sums["weight"] += weight
+        self.component_log.add(mode, ce, kl, weight, self.state.global_step)
 
     def _gathered(self, value):
         value = torch.as_tensor(value, dtype=torch.float32, device=self.args.device).reshape(1)
@@ -201,31 +202,29 @@ class NonTargetKLMixin:
 
     def train(self, *args, **kwargs):
         # Loss calls made outside training (by hand, or before a resume) must not leak into the first logging window.
-        self._kl_sums["train"] = self._zero_sums()
-        self._kl_window_start = None
+        self.component_log.reset("train")
         return super().train(*args, **kwargs)
 
     def log(self, logs, *args, **kwargs):
-        if "loss" in logs and self._kl_window_start is not None:
-            steps = self.state.global_step - self._kl_window_start
-            if steps > 0:
-                sums = self._kl_sums["train"]
-                logs["ce_loss"] = self._gathered(sums["ce"]).mean().item() / steps
-                logs["nontarget_kl"] = self._gathered(sums["kl"]).mean().item() / steps
-                self._kl_sums["train"] = self._zero_sums()
-                self._kl_window_start = None
+        steps = self.component_log.window_steps(self.state.global_step)
+        if "loss" in logs and steps > 0:
+            sums = self.component_log.sums("train")
+            logs["ce_loss"] = self._gathered(sums["ce"]).mean().item() / steps
+            logs["nontarget_kl"] = self._gathered(sums["kl"]).mean().item() / steps
+            self.component_log.reset("train")
         return super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
-        self._kl_sums["eval"] = self._zero_sums()
+        self.component_log.reset("eval")
         output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        sums = self._kl_sums["eval"]
+        bound = inspect.signature(super().evaluation_loop).bind_partial(*args, **kwargs)
+        prefix = bound.arguments.get("metric_key_prefix", "eval")
+        sums = self.component_log.sums("eval")
         total = self._gathered(sums["weight"]).sum().item()
         if total > 0:
             output.metrics[f"{prefix}_ce_loss"] = self._gathered(sums["ce"]).sum().item() / total
             output.metrics[f"{prefix}_nontarget_kl"] = self._gathered(sums["kl"]).sum().item() / total
-        self._kl_sums["eval"] = self._zero_sums()
+        self.component_log.reset("eval")
         return output
 
 
@@ -243,17 +242,19 @@ class NonTargetKLTrainer(NonTargetKLMixin, Trainer):
         kl_direction: "forward" for KL(base || adapted) (default), "reverse" for KL(adapted || base).
         ref_model: a frozen base model; required when `model` is not a PEFT model.
         fused_linear: "auto" (default): when the model's LM head is a plain `nn.Linear` and its architecture's logit
-            transform is known (`reference.HEAD_TRANSFORMS`: Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi, Phi3, Cohere,
+            transform is known (`lm_head.HEAD_TRANSFORMS`: Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi, Phi3, Cohere,
             Granite), compute the loss from the final hidden states of both passes and the head's weight
             (`nontarget_kl_linear_loss`), in chunks, without the N x V logits; otherwise use the logits. True:
             the same, but raise at construction when the model does not qualify. False: always the logits. The
             logits are also used when evaluation needs predictions (`compute_metrics`), and when a subclass
             overrides `compute_regularized_loss`. Both paths give the same loss and gradients up to float rounding.
+        options: all of the above but `ref_model` as one `kl_nontarget.options.RegularizerOptions` (then leave the
+            keywords at their defaults); held as `trainer.options`.
     """
 
-    def __init__(self, *args, kl_weight=1.0, temperature=1.0, kl_direction="forward", ref_model=None,
-                 fused_linear="auto", **kwargs):
-        check_options(kl_weight, temperature, kl_direction, fused_linear)
+    def __init__(self, *args, kl_weight: float = 1.0, temperature: float = 1.0, kl_direction: str = "forward",
+                 ref_model=None, fused_linear="auto", options: RegularizerOptions | None = None, **kwargs):
+        options = options_from(options, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
+                               fused_linear=fused_linear)
         super().__init__(*args, **kwargs)
-        self._init_nontarget_kl(kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
-                                ref_model=ref_model, fused_linear=fused_linear)
+        self._init_nontarget_kl(options, ref_model)

@@ -31,7 +31,7 @@ def main():
     from peft import LoraConfig, get_peft_model
 
     from kl_nontarget import nontarget_kl_loss
-    from kl_nontarget.reference import compute_batch_logits, shifted_labels
+    from kl_nontarget.batch import compute_batch_logits, shifted_labels
 
     distributed = "RANK" in os.environ
     rank, world = 0, 1

@@ -7,7 +7,6 @@ write finite numbers, and that the implementations agree on the loss they benchm
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path

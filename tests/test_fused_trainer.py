@@ -13,13 +13,24 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import LORA_TARGETS, collate, sgd_args, independent_loss, perturb_trainable, tiny_llama, tiny_softcapped, \
-    tiny_tokenizer, toy_prompt_completions, toy_token_batches
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kl_nontarget.reference import HEAD_TRANSFORMS, head_input_captured, linear_head
+from kl_nontarget.lm_head import HEAD_TRANSFORMS, head_input_captured, linear_head
 from kl_nontarget.trainer import NonTargetKLTrainer
 from kl_nontarget.trl import NonTargetKLSFTTrainer, nontarget_kl_loss_func
+
+from tiny_models import (
+    LORA_TARGETS,
+    collate,
+    independent_loss,
+    perturb_trainable,
+    sgd_args,
+    tiny_llama,
+    tiny_softcapped,
+    tiny_tokenizer,
+    toy_prompt_completions,
+    toy_token_batches,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,7 +78,7 @@ def loss_and_grads(trainer, model, batch, num_items):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    return loss.detach(), grads, {k: float(v) for k, v in trainer._kl_sums["train"].items()}
+    return loss.detach(), grads, {k: float(v) for k, v in trainer.component_log.sums("train").items()}
 
 
 DATA = toy_token_batches(8, seed=3)
@@ -394,8 +405,8 @@ from torch.distributed.tensor import DTensor
 from tiny_models import collate, tiny_llama, toy_token_batches
 from kl_nontarget import nontarget_kl_loss
 from kl_nontarget.linear import nontarget_kl_linear_loss
-from kl_nontarget.reference import compute_batch_hidden, compute_batch_logits, fused_heads, head_tensors, \
-    shifted_labels
+from kl_nontarget.batch import compute_batch_hidden, compute_batch_logits, head_tensors, shifted_labels
+from kl_nontarget.lm_head import fused_heads
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -421,8 +432,7 @@ for fused in (True, False):
             b = compute_batch_hidden(model, local, fused_heads(model)[0])
             dtensor.append(isinstance(model.get_output_embeddings().weight, DTensor))
             with head_tensors(b) as t:
-                loss = nontarget_kl_linear_loss(t["hidden"], t["ref_hidden"], t["weight"], t["labels"],
-                                                num_items_in_batch=items)
+                loss = nontarget_kl_linear_loss(t.hidden, t.ref_hidden, t.weight, t.labels, num_items_in_batch=items)
         else:
             b = compute_batch_logits(model, local)
             loss = nontarget_kl_loss(b.logits, b.ref_logits, b.labels, num_items_in_batch=items)

@@ -1,4 +1,4 @@
-"""nontarget_kl_loss on both backends against the float64 reference (tests/reference.py).
+"""nontarget_kl_loss on both backends against the float64 reference (tests/oracle.py).
 
 The Triton backend runs on CPU tensors through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 so its shapes stay small; GPU-marked tests compile it for real and skip without CUDA.
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from kl_nontarget import NonTargetKLLoss, nontarget_kl_loss
-from kl_nontarget import triton_impl
-from reference import loss_reference
+from kl_nontarget import NonTargetKLLoss, nontarget_kl_loss, triton_impl
+
+from oracle import loss_reference
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -203,7 +203,7 @@ def test_backends_agree_without_grad():
 def test_gradcheck_torch_backend_float64():
     logits, ref, labels = make_inputs((4,), 9, torch.float64, ignore_frac=0.2, seed=3)
     for kw in (dict(), dict(kl_direction="reverse", temperature=1.5), dict(reduction="none", kl_weight=2.0)):
-        def f(z):
+        def f(z, kw=kw):
             return nontarget_kl_loss(z, ref, labels, backend="torch", **kw)
         assert torch.autograd.gradcheck(f, (logits.clone().requires_grad_(),), eps=1e-6, atol=1e-7)
 

@@ -1,4 +1,5 @@
-"""kl_nontarget.metrics against hand computations, the §7 identity in float64, and the one-row toy of issue 5."""
+"""kl_nontarget.metrics against hand computations, the KL decomposition identity in float64 (docs/design.md, "Why
+drop the gold token"), and the one-row toy of issue 5."""
 
 import copy
 import math
@@ -6,10 +7,11 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import perturb_trainable, tiny_llama
 
 from kl_nontarget.loss import nontarget_kl_loss
 from kl_nontarget.metrics import evaluate_lm, forgetting_metrics, kl_decomposition, token_statistics
+
+from tiny_models import perturb_trainable, tiny_llama
 
 
 def _dist(logits):
@@ -56,7 +58,8 @@ def test_token_statistics_masked_vocabulary_entries():
 
 
 def test_kl_identity_float64():
-    # design.md §7: KL_full = KL_binary(p_y || q_y) + (1 - p_y) * KL_nontarget, including confident rows.
+    # docs/design.md, "Why drop the gold token": KL_full = KL_binary(p_y || q_y) + (1 - p_y) * KL_nontarget,
+    # including confident rows.
     g = torch.Generator().manual_seed(0)
     z = torch.randn(64, 50, generator=g, dtype=torch.float64) * 3
     b = torch.randn(64, 50, generator=g, dtype=torch.float64) * 3

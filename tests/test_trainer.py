@@ -1,4 +1,4 @@
-"""NonTargetKLTrainer and the base distribution (kl_nontarget/reference.py) on tiny CPU models."""
+"""NonTargetKLTrainer and the base distribution (kl_nontarget/base_model.py) on tiny CPU models."""
 
 import copy
 import warnings
@@ -6,15 +6,23 @@ import warnings
 import pytest
 import torch
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
-from tiny_models import LORA_TARGETS, collate, sgd_args, independent_loss, perturb_trainable, tiny_llama, tiny_softcapped, \
-    toy_token_batches
 from transformers import LlamaForCausalLM, Trainer
 
-from kl_nontarget import reference
-from kl_nontarget.reference import compute_batch_logits, supports_logits_mask, tuner_layers
+from kl_nontarget import batch as batch_module
+from kl_nontarget.base_model import base_forward, tuner_layers
+from kl_nontarget.batch import compute_batch_logits, supports_logits_mask
 from kl_nontarget.trainer import NonTargetKLTrainer
 
-
+from tiny_models import (
+    LORA_TARGETS,
+    collate,
+    independent_loss,
+    perturb_trainable,
+    sgd_args,
+    tiny_llama,
+    tiny_softcapped,
+    toy_token_batches,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +86,7 @@ def test_compute_loss_matches_float64_reference(model_dirs, tmp_path, arch, opti
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
-    sums = trainer._kl_sums["train"]
+    sums = trainer.component_log.sums("train")
     torch.testing.assert_close(sums["ce"].double(), ref_ce, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sums["kl"].double(), ref_kl, rtol=1e-5, atol=1e-6)
 
@@ -89,7 +97,7 @@ def test_logits_mask_and_fallback_agree(model_dirs, monkeypatch):
     batch = collate(DATA[:4])
     assert supports_logits_mask(model)
     masked = compute_batch_logits(model, batch)
-    monkeypatch.setattr(reference, "supports_logits_mask", lambda m: False)
+    monkeypatch.setattr(batch_module, "supports_logits_mask", lambda m: False)
     full = compute_batch_logits(model, batch)
     assert full.outputs.logits.dim() == 3 and masked.outputs.logits.dim() == 2
     torch.testing.assert_close(masked.logits, full.logits, rtol=1e-5, atol=1e-6)
@@ -252,7 +260,7 @@ def test_modules_to_save_disabled_is_the_base(model_dirs, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
-    out = reference.base_forward(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    out = base_forward(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)
 
 

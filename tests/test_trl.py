@@ -6,16 +6,23 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from tiny_models import LORA_TARGETS, collate, independent_loss, perturb_trainable, tiny_llama, tiny_tokenizer, \
-    toy_prompt_completions, toy_token_batches
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from kl_nontarget.reference import tuner_layers
+from kl_nontarget.base_model import tuner_layers
 from kl_nontarget.trainer import NonTargetKLTrainer
 from kl_nontarget.trl import NonTargetKLSFTTrainer, nontarget_kl_loss_func
 
-
+from tiny_models import (
+    LORA_TARGETS,
+    collate,
+    independent_loss,
+    perturb_trainable,
+    tiny_llama,
+    tiny_tokenizer,
+    toy_prompt_completions,
+    toy_token_batches,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -143,10 +143,10 @@ def independent_loss(model, batch, *, kl_weight=1.0, temperature=1.0, kl_directi
     """(loss, ce, kl) in float64 from the full logits of `model` and of its base, independently of the library.
 
     The base logits come from `ref_model` or from `model.disable_adapter()` (a PEFT model); the labels are shifted
-    here (logits[:, :-1] against labels[:, 1:]) and `tests/reference.py` does the rest. The loss keeps the graph to
+    here (logits[:, :-1] against labels[:, 1:]) and `tests/oracle.py` does the rest. The loss keeps the graph to
     `model`, so its gradient can be compared too.
     """
-    from reference import loss_reference
+    from oracle import loss_reference
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits

@@ -1,42 +1,5 @@
-"""Token-id rows to batches: a list-backed dataset and a padding collator (labels -100 on padding)."""
+"""The demo's batching: `kl_nontarget.batching` (the library's, shared with `kl-nontarget eval`)."""
 
-from __future__ import annotations
+from kl_nontarget.batching import PadCollator, RowsDataset, loader
 
-import torch
-
-
-class RowsDataset(torch.utils.data.Dataset):
-    """A dataset over dicts of token id lists ("input_ids", optional "labels")."""
-
-    def __init__(self, rows):
-        self.rows = list(rows)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
-class PadCollator:
-    """Right-pads "input_ids" with `pad_id`; "labels" default to the input ids; padding gets label -100."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, rows):
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r.get("labels", r["input_ids"]))
-            mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def loader(rows, pad_id, batch_size=32):
-    return torch.utils.data.DataLoader(RowsDataset(rows), batch_size=batch_size, shuffle=False,
-                                       collate_fn=PadCollator(pad_id))
+__all__ = ["PadCollator", "RowsDataset", "loader"]

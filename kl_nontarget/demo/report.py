@@ -52,7 +52,8 @@ def format_table(results):
              f"nats/token, perplexity {base['retention_ppl']:.2f}",
              f"mean over {seeds} seed(s); forgetting = Lf (cross-entropy of fine-tuned vs base predictions on held-out "
              "base text), Lf-H = its KL version (0 = no drift)"]
-    header = f"{'task':8} {'method':13} {'λ':>5} {'target loss':>11} {'accuracy':>8} {'Lf':>7} {'Lf-H':>7} {'ret. ppl':>8}"
+    header = (f"{'task':8} {'method':13} {'λ':>5} {'target loss':>11} {'accuracy':>8} {'Lf':>7} {'Lf-H':>7} "
+              f"{'ret. ppl':>8}")
     for task in dict.fromkeys(r["task"] for r in results["runs"]):
         t = base["tasks"].get(task, {})
         lines += ["", header, "-" * len(header),

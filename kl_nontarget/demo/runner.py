@@ -11,8 +11,14 @@ import torch
 
 from kl_nontarget.demo.base import base_corpus, load_or_pretrain
 from kl_nontarget.demo.data import loader
-from kl_nontarget.demo.runs import (METHODS, ValidationCallback, choose_baseline, evaluate_run, finetune,
-                                    lora_from_snapshot)
+from kl_nontarget.demo.runs import (
+    METHODS,
+    ValidationCallback,
+    choose_baseline,
+    evaluate_run,
+    finetune,
+    lora_from_snapshot,
+)
 from kl_nontarget.demo.tasks import build_task
 from kl_nontarget.metrics import evaluate_lm, forgetting_metrics
 

@@ -95,7 +95,8 @@ def finetune(base_model, train_rows, pad_id, *, method, kl_weight, lr, steps, se
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=steps,
                                  learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                                  logging_strategy="no", save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-                                 disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, remove_unused_columns=False)
+                                 disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+                                 remove_unused_columns=False)
         common = dict(model=model, args=args, train_dataset=RowsDataset(train_rows), data_collator=PadCollator(pad_id))
         if method == "lora":
             trainer = Trainer(**common)

@@ -1,4 +1,5 @@
-"""Float64 references for the tests: the formulas of design.md §1, written as plainly as possible."""
+"""Float64 oracle for the tests: the formulas of docs/design.md ("The loss", "Gradients", "Reductions"), written as
+plainly as possible."""
 
 import torch
 

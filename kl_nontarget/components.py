@@ -1,0 +1,47 @@
+"""`ComponentLog`: the cross-entropy and non-target KL parts of the loss, accumulated for logging.
+
+Training sums each micro-batch's components scaled like the loss the Trainer logs (summed over the micro-batches of a
+step, they give that step's value) and reports their mean over the steps of a logging window; evaluation weights
+each batch by its size, like `eval_loss`. The trainer gathers the sums across ranks (`NonTargetKLMixin`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("train", "eval")
+
+
+class ComponentLog:
+    """Running sums of `ce` and `kl` (and of their weights) per mode, "train" and "eval"."""
+
+    def __init__(self):
+        self._sums = {mode: self._zero() for mode in MODES}
+        self.window_start: int | None = None  # global step at which the training window opened
+
+    @staticmethod
+    def _zero() -> dict:
+        return {"ce": 0.0, "kl": 0.0, "weight": 0.0}
+
+    def sums(self, mode: str) -> dict:
+        """A copy of the sums of `mode`: {"ce", "kl", "weight"} (tensors or floats)."""
+        return dict(self._sums[mode])
+
+    def reset(self, mode: str) -> None:
+        """Drop the sums of `mode` (and, for "train", the open window)."""
+        self._sums[mode] = self._zero()
+        if mode == "train":
+            self.window_start = None
+
+    def add(self, mode: str, ce: torch.Tensor, kl: torch.Tensor, weight: float, global_step: int = 0) -> None:
+        """Add one batch's components, each multiplied by `weight`."""
+        if mode == "train" and self.window_start is None:
+            self.window_start = global_step
+        sums = self._sums[mode]
+        sums["ce"] = sums["ce"] + ce.detach().float() * weight
+        sums["kl"] = sums["kl"] + kl.detach().float() * weight
+        sums["weight"] += weight
+
+    def window_steps(self, global_step: int) -> int:
+        """Optimizer steps since the training window opened (0 when none is open)."""
+        return 0 if self.window_start is None else global_step - self.window_start

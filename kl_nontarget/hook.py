@@ -1,0 +1,201 @@
+"""The `compute_loss_func` hook: `nontarget_kl_loss_func(model, ...)` for `transformers.Trainer` or `trl.SFTTrainer`.
+
+It captures the forward inputs with a forward pre-hook on `model`, ignoring TRL's `fused_lm_head=True` calls and its
+own base pass, and holds no tensors between steps. Call `.remove()` when done. It takes the fused-linear path (final
+hidden states and the LM head, no N x V logits) when the model qualifies, like the trainers (`batch_loss.step_heads`).
+This module does not import TRL.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kl_nontarget.base_model import (
+    autocast_like,
+    autocast_state,
+    check_reference,
+    device_of,
+    has_adapters,
+    prepare_ref_model,
+    transformers_model,
+    unwrap_model,
+)
+from kl_nontarget.batch import compute_batch_hidden, compute_batch_logits
+from kl_nontarget.batch_loss import fused_loss, logits_loss, require_fused, step_heads
+from kl_nontarget.lm_head import register_head_capture
+from kl_nontarget.options import RegularizerOptions, options_from
+
+__all__ = ["NonTargetKLLossFunc", "nontarget_kl_loss_func"]
+
+
+class NonTargetKLLossFunc:
+    """`compute_loss_func` for transformers.Trainer / trl.SFTTrainer; see `nontarget_kl_loss_func`."""
+
+    def __init__(self, model: nn.Module, *, kl_weight: float = 1.0, temperature: float = 1.0,
+                 kl_direction: str = "forward", ref_model: nn.Module | None = None, fused_linear="auto",
+                 options: RegularizerOptions | None = None):
+        self.options = options_from(options, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
+                                    fused_linear=fused_linear)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._head = None  # (heads, capture, hook handles) of the adapted forward in flight on the fused path
+        self.model = unwrap_model(model)
+        self.ref_model = ref_model
+        self._checked = False
+        if ref_model is not None or has_adapters(self.model):
+            # A plain model may still be wrapped later (SFTTrainer(peft_config=...)): then check at the first call.
+            self._check()
+        self._captured = None
+        self._in_base_pass = False
+        if self.options.fused_linear is True and (ref_model is not None or has_adapters(self.model)):
+            require_fused(self.model, ref_model)
+        self._handles = [self.model.register_forward_pre_hook(self._capture, with_kwargs=True)]
+        embeddings = _input_embeddings(self.model)
+        if embeddings is not None:
+            # Accelerate's mixed precision wraps the outermost forward in autocast, inside the pre-hook above: read
+            # the autocast state where the forward actually runs (no tensors are kept).
+            self._handles.append(embeddings.register_forward_pre_hook(self._note_autocast))
+
+    @property
+    def kl_weight(self) -> float:
+        return self.options.kl_weight
+
+    @property
+    def temperature(self) -> float:
+        return self.options.temperature
+
+    @property
+    def kl_direction(self) -> str:
+        return self.options.kl_direction
+
+    @property
+    def fused_linear(self):
+        return self.options.fused_linear
+
+    def _check(self):
+        check_reference(self.model, self.ref_model)
+        if self.ref_model is not None:
+            prepare_ref_model(self.ref_model, device_of(self.model, default=None))
+        self._checked = True
+
+    def _capture(self, module, args, kwargs):
+        if self._in_base_pass or kwargs.get("fused_lm_head"):
+            return None
+        self._release_head()
+        device_type = next((v.device.type for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), "cpu")
+        self._captured = {"args": tuple(args), "kwargs": dict(kwargs), "device_type": device_type,
+                          "autocast": autocast_state(device_type)}
+        # A training forward (train mode, gradients on, no labels: the Trainer popped them for compute_loss_func)
+        # hands its final hidden states to the loss; its head then projects the last position only.
+        training_forward = (module.training and torch.is_grad_enabled()
+                            and not any(kwargs.get(k) is not None for k in ("labels", "shift_labels", "logits_to_keep"))
+                            and not kwargs.get("output_hidden_states"))
+        if training_forward:
+            heads, _reason = step_heads(self.model, self.ref_model, self.options)
+            if heads is not None:
+                capture, handles = register_head_capture(heads[0].module, transformers_model(self.model))
+                self._head = (heads, capture, handles)
+        return None
+
+    def _release_head(self):
+        head, self._head = self._head, None
+        if head is not None:
+            for handle in head[2]:
+                handle.remove()
+        return head
+
+    def _note_autocast(self, module, args):
+        captured = self._captured
+        if self._in_base_pass or captured is None:
+            return None
+        captured["autocast"] = autocast_state(captured["device_type"])
+        return None
+
+    def __call__(self, outputs, labels, num_items_in_batch=None, **_):
+        captured, self._captured = self._captured, None
+        head = self._release_head()
+        if not self._handles:
+            raise RuntimeError("this loss function was removed (.remove()); create a new one with "
+                               "nontarget_kl_loss_func(model, ...)")
+        if captured is None:
+            raise RuntimeError("nontarget_kl_loss_func saw no forward call of the model it was created with; pass "
+                               "the same model (or its PEFT wrapper) to the trainer")
+        if not self._checked:
+            self._check()
+        inputs = dict(captured["kwargs"])
+        if labels is not None:
+            inputs["labels"] = labels
+        # The base pass runs at the adapted pass's precision: the same autocast, replayed.
+        base_context = autocast_like(captured["device_type"], captured["autocast"])
+        if head is not None and head[1].calls > 0:
+            heads, capture, _handle = head
+            self._in_base_pass = True
+            try:
+                batch = compute_batch_hidden(self.model, inputs, heads, ref_model=self.ref_model,
+                                             adapted_hidden=capture.take("the model", outputs),
+                                             adapted_autocast=capture.autocast, adapted_outputs=outputs,
+                                             forward_args=captured["args"], base_context=base_context)
+            finally:
+                self._in_base_pass = False
+            return fused_loss(batch, self.options, num_items_in_batch)
+        self._in_base_pass = True
+        try:
+            batch = compute_batch_logits(self.model, inputs, ref_model=self.ref_model, adapted_outputs=outputs,
+                                         forward_args=captured["args"], base_context=base_context)
+        finally:
+            self._in_base_pass = False
+        # No `average_tokens_across_devices` scaling here: the Trainer applies it to compute_loss_func's loss.
+        return logits_loss(batch, self.options, num_items_in_batch)
+
+    def remove(self):
+        """Detach the forward pre-hooks from the model and drop every captured reference."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._captured = None
+        self._release_head()
+
+    def __repr__(self):
+        return (f"NonTargetKLLossFunc(kl_weight={self.kl_weight}, temperature={self.temperature}, "
+                f"kl_direction={self.kl_direction!r}, ref_model={'set' if self.ref_model is not None else None}, "
+                f"fused_linear={self.fused_linear!r})")
+
+
+def _input_embeddings(model):
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return embeddings if isinstance(embeddings, nn.Module) else None
+
+
+def nontarget_kl_loss_func(model: nn.Module, *, kl_weight: float = 1.0, temperature: float = 1.0,
+                           kl_direction: str = "forward", ref_model: nn.Module | None = None, fused_linear="auto",
+                           options: RegularizerOptions | None = None) -> NonTargetKLLossFunc:
+    """A `compute_loss_func` adding the non-target KL to the cross-entropy, for Trainer or SFTTrainer.
+
+    Args:
+        model: the model passed to the trainer (a PEFT model, or the plain model when SFTTrainer wraps it with
+            `peft_config=`, or any model together with `ref_model`).
+        kl_weight, temperature, kl_direction, ref_model: as for `kl_nontarget.NonTargetKLTrainer`.
+        fused_linear: "auto" (default), True or False, as for `kl_nontarget.NonTargetKLTrainer`. On the fused path
+            a training forward of the model (train mode, gradients enabled, no `labels` in its inputs: how the Trainer
+            calls it for `compute_loss_func`) passes its final hidden states to this loss, and its returned logits
+            cover the last position only. Evaluation forwards (no gradients) keep their full logits. Pass False if
+            other code needs the full logits of training-mode forwards.
+        options: the options above (not `ref_model`) as one `RegularizerOptions`; held as `.options`.
+
+    Returns:
+        A callable `(outputs, labels, num_items_in_batch=None) -> loss` with a `.remove()` method that detaches its
+        forward pre-hooks from `model` (one on the model, one on its input embeddings to read the mixed-precision
+        autocast state). The hook records the forward inputs of each call (except TRL's `fused_lm_head=True` calls
+        and its own base pass); the loss function consumes them and keeps nothing.
+
+    Example:
+        >>> loss_func = nontarget_kl_loss_func(peft_model, kl_weight=1.0)
+        >>> trainer = trl.SFTTrainer(model=peft_model, args=args, train_dataset=ds, compute_loss_func=loss_func)
+        >>> trainer.train(); loss_func.remove()
+    """
+    return NonTargetKLLossFunc(model, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
+                               ref_model=ref_model, fused_linear=fused_linear, options=options)
