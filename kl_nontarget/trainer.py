@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from kl_nontarget.distributed import install_exit_handler
 from kl_nontarget.linear import nontarget_kl_linear_loss
 from kl_nontarget.loss import check_regularizer_options, nontarget_kl_loss
 from kl_nontarget.reference import FUSED_LINEAR_OPTIONS, IGNORE_INDEX, BatchHidden, check_reference, \
@@ -66,6 +67,8 @@ class NonTargetKLMixin:
         self.model_accepts_loss_kwargs = True
         self._kl_sums = {"train": self._zero_sums(), "eval": self._zero_sums()}
         self._kl_window_start = None
+        # Multi-process CPU (gloo) runs: finish the collectives before the interpreter exits (see distributed.py).
+        install_exit_handler()
 
     # -- the loss ------------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import trl
 from torch import nn
 
+from kl_nontarget.distributed import install_exit_handler
 from kl_nontarget.linear import default_chunk_size, nontarget_kl_linear_loss
 from kl_nontarget.loss import nontarget_kl_loss
 from kl_nontarget.reference import BatchHidden, autocast_like, autocast_state, check_reference, compute_batch_hidden, \
@@ -217,6 +218,7 @@ class NonTargetKLLossFunc:
                                "the same model (or its PEFT wrapper) to the trainer")
         if not self._checked:
             self._check()
+        install_exit_handler()  # multi-process gloo runs: a clean exit (see kl_nontarget/distributed.py)
         inputs = dict(captured["kwargs"])
         if labels is not None:
             inputs["labels"] = labels
