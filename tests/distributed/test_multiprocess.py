@@ -90,3 +90,25 @@ def test_example_accelerate_configs_load(name, kind):
 
     config = ClusterConfig.from_yaml_file(HERE.parent.parent / "examples" / "accelerate" / f"{name}.yaml")
     assert config.distributed_type.name == kind
+
+
+
+def test_release_process_groups(tmp_path):
+    # Without a process group nothing happens; with a gloo group the handler is registered once and the release
+    # destroys the group. Run under torchrun so the group and the atexit handler stay out of the test process.
+    script = tmp_path / "release.py"
+    script.write_text(
+        "import json, os, sys, torch, torch.distributed as dist\n"
+        "from kl_nontarget.distributed import install_exit_handler, release_process_groups\n"
+        "before = [install_exit_handler(), release_process_groups()]\n"
+        "dist.init_process_group('gloo')\n"
+        "dist.all_reduce(torch.ones(3))\n"
+        "installed = [install_exit_handler(), install_exit_handler()]\n"
+        "released = release_process_groups()\n"
+        "with open(os.path.join(sys.argv[1], f\"r{os.environ['RANK']}.json\"), 'w') as f:\n"
+        "    json.dump({'before': before, 'installed': installed, 'released': released,\n"
+        "               'initialized': dist.is_initialized()}, f)\n")
+    out = launch(script, tmp_path / "out", timeout=120)
+    for rank in (0, 1):
+        assert _read(out / f"r{rank}.json") == {"before": [False, False], "installed": [True, True], "released": True,
+                                                "initialized": False}
