@@ -23,6 +23,7 @@ from kl_nontarget.base_model import (
 )
 from kl_nontarget.batch import compute_batch_hidden, compute_batch_logits
 from kl_nontarget.batch_loss import fused_loss, logits_loss, require_fused, step_heads
+from kl_nontarget.distributed import install_exit_handler
 from kl_nontarget.lm_head import register_head_capture
 from kl_nontarget.options import RegularizerOptions, options_from
 
@@ -123,6 +124,7 @@ class NonTargetKLLossFunc:
                                "the same model (or its PEFT wrapper) to the trainer")
         if not self._checked:
             self._check()
+        install_exit_handler()  # multi-process gloo runs: a clean exit (see kl_nontarget/distributed.py)
         inputs = dict(captured["kwargs"])
         if labels is not None:
             inputs["labels"] = labels

@@ -28,6 +28,7 @@ from kl_nontarget.base_model import check_reference, prepare_ref_model
 from kl_nontarget.batch import IGNORE_INDEX, BatchHidden, compute_batch_hidden, compute_batch_logits, shifted_labels
 from kl_nontarget.batch_loss import fused_loss, require_fused, step_heads
 from kl_nontarget.components import ComponentLog
+from kl_nontarget.distributed import install_exit_handler
 from kl_nontarget.loss import nontarget_kl_loss
 from kl_nontarget.options import RegularizerOptions, options_from
 
@@ -63,6 +64,8 @@ class NonTargetKLMixin:
         # window (and not to divide the loss by the accumulation steps again).
         self.model_accepts_loss_kwargs = True
         self.component_log = ComponentLog()
+        # Multi-process CPU (gloo) runs: finish the collectives before the interpreter exits (see distributed.py).
+        install_exit_handler()
 
     @property
     def kl_weight(self) -> float:

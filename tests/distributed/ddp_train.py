@@ -1,13 +1,15 @@
 """Train a tiny LoRA model with NonTargetKLTrainer for a few SGD steps; run alone or under torchrun.
 
-Used by tests/test_distributed.py: the same global batches (sequential order, per-device batch x processes x
-accumulation = global batch) must give the same LoRA weights in one process as in several. Writes, from rank 0,
-`OUT/weights.pt` (the trainable parameters) and, from every rank, `OUT/logs_rank{R}.json` (the Trainer's log
+Used by tests/distributed/test_multiprocess.py: the same global batches (sequential order, per-device batch x
+processes x accumulation = global batch) must give the same LoRA weights in one process as in several. Writes, from
+rank 0, `OUT/weights.pt` (the trainable parameters) and, from every rank, `OUT/logs_rank{R}.json` (the Trainer's log
 history, whose ce_loss / nontarget_kl must be the global values on every rank).
 
-    python tests/distributed_train.py OUT --batch 4 --accum 1
-    torchrun --nproc_per_node 2 tests/distributed_train.py OUT --batch 2 --accum 1
-    torchrun --nproc_per_node 2 tests/distributed_train.py OUT --batch 1 --accum 2 --fsdp
+    python tests/distributed/ddp_train.py OUT --batch 4 --accum 1
+    torchrun --nproc_per_node 2 tests/distributed/ddp_train.py OUT --batch 2 --accum 1
+
+Like a user's script, it ends without any teardown of its own: the trainer registered
+`kl_nontarget.distributed.release_process_groups` to run at exit (each rank records that it did).
 """
 
 import argparse
@@ -17,7 +19,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: tiny_models
 
 from tiny_models import collate, tiny_llama, toy_token_batches  # noqa: E402
 
@@ -37,6 +39,7 @@ def main():
     from transformers import TrainingArguments
 
     from kl_nontarget import NonTargetKLTrainer
+    from kl_nontarget.distributed import install_exit_handler
 
     class SequentialTrainer(NonTargetKLTrainer):
         # The same example order in every run: rank r then sees exactly its share of each global batch.
@@ -71,7 +74,8 @@ def main():
     sharded = any(isinstance(p, DTensor) for p in trainer.model.parameters())
     with open(os.path.join(args.out, f"logs_rank{rank}.json"), "w") as f:
         json.dump({"world_size": trainer.accelerator.num_processes, "fsdp": trainer.is_fsdp_enabled,
-                   "sharded": sharded, "log_history": trainer.state.log_history}, f)
+                   "sharded": sharded, "exit_handler": install_exit_handler(),
+                   "log_history": trainer.state.log_history}, f)
     state = trainer.accelerator.get_state_dict(trainer.model)  # gathers sharded (FSDP) parameters
     if trainer.accelerator.is_main_process:
         trainable = {k: v.detach().cpu().clone() for k, v in state.items() if "lora_" in k}

@@ -6,8 +6,8 @@ normalised by the global token count and multiplied by the world size, as Traine
 whose decoder layers and root are sharded with `fully_shard`. Each rank takes its share of every global batch;
 after a few SGD steps rank 0 writes the full LoRA weights to OUT/weights.pt.
 
-    python tests/distributed_fsdp.py OUT                         # one process, the whole batch
-    torchrun --nproc_per_node 2 tests/distributed_fsdp.py OUT    # two ranks, sharded
+    python tests/distributed/fsdp_base_pass.py OUT                         # one process, the whole batch
+    torchrun --nproc_per_node 2 tests/distributed/fsdp_base_pass.py OUT    # two ranks, sharded
 """
 
 import json
@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: tiny_models
 
 from tiny_models import collate, tiny_llama, toy_token_batches  # noqa: E402
 
@@ -32,6 +32,7 @@ def main():
 
     from kl_nontarget import nontarget_kl_loss
     from kl_nontarget.batch import compute_batch_logits, shifted_labels
+    from kl_nontarget.distributed import release_process_groups
 
     distributed = "RANK" in os.environ
     rank, world = 0, 1
@@ -88,7 +89,8 @@ def main():
         with open(os.path.join(out, "info.json"), "w") as f:
             json.dump({"world_size": world, "sharded": sharded, "losses": losses}, f)
     if distributed:
-        dist.destroy_process_group()
+        # Finish gloo's collectives before the interpreter exits (a bare exit can abort: kl_nontarget/distributed.py).
+        release_process_groups()
 
 
 if __name__ == "__main__":

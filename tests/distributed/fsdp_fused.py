@@ -1,0 +1,84 @@
+"""FSDP2 with a resharded root on CPU/gloo: the fused-linear loss must equal the logits path.
+
+With `reshard_after_forward=True` on the root, the LM head's weight is a sharded DTensor again when the loss reads
+it; the fused path gathers it. Two ranks train the same LoRA model for three SGD steps once through the fused-linear
+loss and once through the logits, and rank 0 writes OUT/result.json (losses of both, whether the head weight was a
+DTensor at the loss, the largest LoRA weight difference).
+
+    torchrun --nproc_per_node 2 tests/distributed/fsdp_fused.py OUT
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: tiny_models
+
+from tiny_models import collate, tiny_llama, toy_token_batches  # noqa: E402
+
+
+def train(fused, data, rank, world):
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from kl_nontarget import nontarget_kl_loss
+    from kl_nontarget.batch import compute_batch_hidden, compute_batch_logits, head_tensors, shifted_labels
+    from kl_nontarget.linear import nontarget_kl_linear_loss
+    from kl_nontarget.lm_head import fused_heads
+
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                          init_lora_weights=False))
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    losses, dtensor = [], []
+    for step in range(3):
+        batch = collate(data[step * 4:(step + 1) * 4])
+        items = int((shifted_labels(batch) != -100).sum())
+        local = {k: v[rank * 2:(rank + 1) * 2] for k, v in batch.items()}
+        if fused:
+            b = compute_batch_hidden(model, local, fused_heads(model)[0])
+            dtensor.append(isinstance(model.get_output_embeddings().weight, DTensor))
+            with head_tensors(b) as t:
+                loss = nontarget_kl_linear_loss(t.hidden, t.ref_hidden, t.weight, t.labels, num_items_in_batch=items)
+        else:
+            b = compute_batch_logits(model, local)
+            loss = nontarget_kl_loss(b.logits, b.ref_logits, b.labels, num_items_in_batch=items)
+        (loss * world).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item())
+    weights = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return losses, weights, dtensor
+
+
+def main():
+    from kl_nontarget.distributed import release_process_groups
+
+    out = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.use_deterministic_algorithms(True)
+    data = toy_token_batches(12, seed=3)
+    fused_losses, fused_weights, dtensor = train(True, data, rank, world)
+    logits_losses, logits_weights, _ = train(False, data, rank, world)
+    if rank == 0:
+        diff = max((fused_weights[k] - logits_weights[k]).abs().max().item() for k in fused_weights)
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump({"fused": fused_losses, "logits": logits_losses, "dtensor": dtensor, "max_diff": diff}, f)
+    release_process_groups()  # finish gloo's collectives before the interpreter exits
+
+
+if __name__ == "__main__":
+    main()
