@@ -6,6 +6,18 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Saved tiny models (`llama`, `gemma2`: soft-capped) and a tokenizer (`tokenizer`), built once per run."""
+    from tiny_models import tiny_llama, tiny_softcapped, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tiny_llama(root / "llama")
+    tiny_softcapped(root / "gemma2")
+    tiny_tokenizer(root / "tokenizer")
+    return root
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module: tiny models on shared cores run far slower with thread oversubscription."""

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kl_nontarget.lm_head import HEAD_TRANSFORMS, head_input_captured, linear_head
@@ -20,13 +20,12 @@ from kl_nontarget.trainer import NonTargetKLTrainer
 from kl_nontarget.trl import NonTargetKLSFTTrainer, nontarget_kl_loss_func
 
 from tiny_models import (
-    LORA_TARGETS,
     collate,
     independent_loss,
+    load_model,
+    peft_model,
     perturb_trainable,
     sgd_args,
-    tiny_llama,
-    tiny_softcapped,
     tiny_tokenizer,
     toy_prompt_completions,
     toy_token_batches,
@@ -36,28 +35,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fused")
-    tiny_llama(root / "llama")
-    tiny_softcapped(root / "gemma2")
-    tiny_tokenizer(root / "tokenizer")
-    return root
-
-
-def load(model_dirs, arch="llama", dtype=torch.float32):
-    return AutoModelForCausalLM.from_pretrained(model_dirs / arch, dtype=dtype)
-
-
-def peft_model(model_dirs, arch="llama", dtype=torch.float64, config=None, moved=True):
-    torch.manual_seed(0)
-    model = get_peft_model(load(model_dirs, arch, dtype), config or LoraConfig(r=4, lora_alpha=8,
-                                                                               target_modules=LORA_TARGETS))
-    if moved:
-        perturb_trainable(model)
-    return model
 
 
 class HeadRows:
@@ -87,7 +64,7 @@ DATA = toy_token_batches(8, seed=3)
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_fused_equals_logits_path_float64(model_dirs, tmp_path, arch, direction):
-    model = peft_model(model_dirs, arch)
+    model = peft_model(model_dirs, arch, dtype=torch.float64)
     options = dict(kl_weight=1.3, temperature=1.4, kl_direction=direction)
     batch = collate(DATA[:4])
     results = {}
@@ -114,7 +91,7 @@ def test_fused_equals_logits_path_float64(model_dirs, tmp_path, arch, direction)
 
 def test_full_fine_tuning_with_ref_model_trains_the_head(model_dirs, tmp_path):
     # A trainable head and a separate ref_model head: grad of the head weight through the fused loss.
-    model = load(model_dirs, dtype=torch.float64)
+    model = load_model(model_dirs, dtype=torch.float64)
     ref = copy.deepcopy(model)
     perturb_trainable(model, scale=0.02)
     batch = collate(DATA[:4])
@@ -134,7 +111,7 @@ def test_hook_fused_equals_logits_path_float64(model_dirs):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     results = {}
     for fused in (True, False):
-        model = peft_model(model_dirs, "gemma2")
+        model = peft_model(model_dirs, "gemma2", dtype=torch.float64)
         hook = nontarget_kl_loss_func(model, kl_weight=0.7, kl_direction="reverse", fused_linear=fused)
         model.train()
         outputs = model(**inputs)
@@ -183,7 +160,7 @@ def test_compute_regularized_loss_override_takes_the_logits(model_dirs, tmp_path
             seen.append(tuple(logits.shape))
             return super().compute_regularized_loss(logits, ref_logits, labels, num_items_in_batch)
 
-    model = peft_model(model_dirs)
+    model = peft_model(model_dirs, dtype=torch.float64)
     batch = collate(DATA[:4])
     trainer = FullKLTrainer(model=model, args=sgd_args(tmp_path))
     loss = trainer.compute_loss(model, dict(batch))
@@ -198,7 +175,7 @@ def test_compute_regularized_loss_override_takes_the_logits(model_dirs, tmp_path
 def test_wrapped_heads_fall_back_to_logits(model_dirs, tmp_path, case):
     config = {"lora_on_lm_head": LoraConfig(r=4, target_modules=["q_proj", "lm_head"]),
               "modules_to_save": LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])}[case]
-    model = peft_model(model_dirs, config=config)
+    model = peft_model(model_dirs, dtype=torch.float64, config=config)
     assert linear_head(model)[0] is None
     with pytest.raises(ValueError, match="nn.Linear"):
         NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), fused_linear=True)
@@ -212,7 +189,7 @@ def test_wrapped_heads_fall_back_to_logits(model_dirs, tmp_path, case):
 
 def test_batch_asking_for_hidden_states_takes_the_logits_path(model_dirs, tmp_path):
     # The fused path returns the final hidden states in the outputs' hidden_states field.
-    model = peft_model(model_dirs)
+    model = peft_model(model_dirs, dtype=torch.float64)
     trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
     batch = collate(DATA[:4])
     rows = HeadRows(model)
@@ -224,7 +201,7 @@ def test_batch_asking_for_hidden_states_takes_the_logits_path(model_dirs, tmp_pa
 
 @pytest.mark.parametrize("value", ["yes", 1, None, "AUTO"])
 def test_bad_fused_linear_values(model_dirs, tmp_path, value):
-    model = peft_model(model_dirs, moved=False)
+    model = peft_model(model_dirs, dtype=torch.float64, moved=False)
     with pytest.raises(ValueError, match="fused_linear"):
         NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), fused_linear=value)
     with pytest.raises(ValueError, match="fused_linear"):

@@ -11,53 +11,23 @@ from transformers import LlamaForCausalLM, Trainer
 from kl_nontarget import batch as batch_module
 from kl_nontarget.base_model import base_forward, tuner_layers
 from kl_nontarget.batch import compute_batch_logits, supports_logits_mask
+from kl_nontarget.options import RegularizerOptions
 from kl_nontarget.trainer import NonTargetKLTrainer
 
 from tiny_models import (
     LORA_TARGETS,
+    assert_same_state,
     collate,
     independent_loss,
+    load_model,
+    peft_model,
     perturb_trainable,
     sgd_args,
-    tiny_llama,
-    tiny_softcapped,
     toy_token_batches,
+    trainable_state,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tiny_llama(root / "llama")
-    tiny_softcapped(root / "gemma2")
-    return root
-
-
-def _load_any(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def peft_model(model_dirs, arch="llama", config=None, seed=0, moved=True):
-    torch.manual_seed(seed)
-    config = config or LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS)
-    model = get_peft_model(_load_any(model_dirs / arch), config)
-    if moved:
-        perturb_trainable(model)
-    return model
-
-
-def trainable_state(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def assert_same_state(a, b, atol=1e-6):
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=name)
 
 
 DATA = toy_token_batches(8, seed=3)
@@ -209,7 +179,7 @@ def test_merged_adapter_is_refused(model_dirs, tmp_path):
 
 def test_a_plain_model_needs_ref_model(model_dirs, tmp_path):
     with pytest.raises(ValueError, match="ref_model"):
-        NonTargetKLTrainer(model=_load_any(model_dirs / "llama"), args=sgd_args(tmp_path))
+        NonTargetKLTrainer(model=load_model(model_dirs, "llama"), args=sgd_args(tmp_path))
 
 
 @pytest.mark.parametrize("kwargs, error", [
@@ -219,6 +189,20 @@ def test_a_plain_model_needs_ref_model(model_dirs, tmp_path):
 def test_bad_options_are_rejected(model_dirs, tmp_path, kwargs, error):
     with pytest.raises(error):
         NonTargetKLTrainer(model=peft_model(model_dirs, moved=False), args=sgd_args(tmp_path), **kwargs)
+
+
+def test_options_object_is_held_and_read_through(model_dirs, tmp_path):
+    options = RegularizerOptions(kl_weight=0.25, temperature=2.0, kl_direction="reverse", fused_linear=False)
+    trainer = NonTargetKLTrainer(model=peft_model(model_dirs, moved=False), args=sgd_args(tmp_path), options=options)
+    assert trainer.options is options
+    assert (trainer.kl_weight, trainer.temperature, trainer.kl_direction, trainer.fused_linear) == \
+        (0.25, 2.0, "reverse", False)
+    keywords = NonTargetKLTrainer(model=peft_model(model_dirs, moved=False), args=sgd_args(tmp_path), kl_weight=0.25,
+                                  temperature=2.0, kl_direction="reverse", fused_linear=False)
+    assert keywords.options == options
+    with pytest.raises(ValueError, match="either options="):
+        NonTargetKLTrainer(model=peft_model(model_dirs, moved=False), args=sgd_args(tmp_path), options=options,
+                           kl_weight=2.0)
 
 
 def test_bad_batches_are_rejected(model_dirs, tmp_path):
@@ -242,7 +226,7 @@ def test_warns_when_disabled_adapters_are_not_the_base(model_dirs, tmp_path, cas
     config = {"bias": LoraConfig(r=4, target_modules=["q_proj"], bias="all"),
               "unfrozen": LoraConfig(r=4, target_modules=["q_proj"]),
               "pissa": LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa")}[case]
-    model = get_peft_model(_load_any(model_dirs / "llama"), config)
+    model = get_peft_model(load_model(model_dirs, "llama"), config)
     if case == "unfrozen":
         model.base_model.model.model.norm.weight.requires_grad_(True)
     with pytest.warns(UserWarning, match="ref_model"):
@@ -251,7 +235,7 @@ def test_warns_when_disabled_adapters_are_not_the_base(model_dirs, tmp_path, cas
 
 def test_modules_to_save_disabled_is_the_base(model_dirs, tmp_path):
     # PEFT trains a copy of a modules_to_save module and runs the original when adapters are disabled: no warning.
-    base = _load_any(model_dirs / "llama")
+    base = load_model(model_dirs, "llama")
     batch = collate(DATA[:2])
     with torch.no_grad():
         expected = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -336,7 +320,7 @@ def test_no_hooks_left_merge_and_unload_and_plain_peft_load(model_dirs, tmp_path
     model.eval()
     with torch.no_grad():
         expected = model(**inputs).logits
-    reloaded = PeftModel.from_pretrained(_load_any(model_dirs / "llama"), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_model(model_dirs, "llama"), tmp_path / "adapter")
     merged = reloaded.merge_and_unload()
     assert type(merged) is LlamaForCausalLM and not tuner_layers(merged)
     assert "forward" not in vars(merged)
@@ -346,7 +330,7 @@ def test_no_hooks_left_merge_and_unload_and_plain_peft_load(model_dirs, tmp_path
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_full_fine_tuning_with_ref_model(model_dirs, tmp_path, bf16):
-    model = _load_any(model_dirs / "llama")
+    model = load_model(model_dirs, "llama")
     ref = copy.deepcopy(model).train()
     # bf16: the ref_model runs under the same autocast as the trained model, so the first KL is exactly 0
     trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, learning_rate=0.05, bf16=bf16),

@@ -5,49 +5,29 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from kl_nontarget.base_model import tuner_layers
+from kl_nontarget.options import RegularizerOptions
 from kl_nontarget.trainer import NonTargetKLTrainer
 from kl_nontarget.trl import NonTargetKLSFTTrainer, nontarget_kl_loss_func
 
 from tiny_models import (
-    LORA_TARGETS,
+    assert_same_state,
     collate,
     independent_loss,
+    load_model,
+    lora_config,
+    peft_model,
     perturb_trainable,
-    tiny_llama,
     tiny_tokenizer,
     toy_prompt_completions,
     toy_token_batches,
+    trainable_state,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trl")
-    tiny_llama(root / "llama")
-    tiny_tokenizer(root / "tokenizer")
-    return root
-
-
-def base_model(paths):
-    return AutoModelForCausalLM.from_pretrained(paths / "llama", dtype=torch.float32)
-
-
-def lora_config():
-    return LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS)
-
-
-def moved_peft_model(paths, seed=0):
-    torch.manual_seed(seed)
-    model = get_peft_model(base_model(paths), lora_config())
-    perturb_trainable(model)
-    return model
 
 
 def sft_args(tmp_path, **overrides):
@@ -74,16 +54,6 @@ def first_batch(trainer):
     return {k: v for k, v in batch.items()}
 
 
-def trainable_state(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def assert_same_state(a, b, atol=1e-6):
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=name)
-
-
 def count_hooks(model):
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
@@ -96,10 +66,11 @@ def hooks_of(loss_func, model):
 # -- the SFT subclass ----------------------------------------------------------------------------------------------
 
 
-def test_sft_subclass_prompt_completion_matches_reference_and_trains(paths, tmp_path):
-    tokenizer = tiny_tokenizer(paths / "tokenizer")
-    trainer = NonTargetKLSFTTrainer(model=base_model(paths), args=sft_args(tmp_path), train_dataset=prompt_completion(),
-                                    eval_dataset=prompt_completion(8), processing_class=tokenizer,
+def test_sft_subclass_prompt_completion_matches_reference_and_trains(model_dirs, tmp_path):
+    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    trainer = NonTargetKLSFTTrainer(model=load_model(model_dirs), args=sft_args(tmp_path),
+                                    train_dataset=prompt_completion(), eval_dataset=prompt_completion(8),
+                                    processing_class=tokenizer,
                                     peft_config=lora_config(), kl_weight=0.8, temperature=1.3)
     model = trainer.model
     perturb_trainable(model)
@@ -125,9 +96,9 @@ def test_sft_subclass_prompt_completion_matches_reference_and_trains(paths, tmp_
     assert type(merged) is LlamaForCausalLM and not tuner_layers(merged) and "forward" not in vars(merged)
 
 
-def test_sft_subclass_conversational(paths, tmp_path):
-    tokenizer = tiny_tokenizer(paths / "tokenizer")
-    model = moved_peft_model(paths)
+def test_sft_subclass_conversational(model_dirs, tmp_path):
+    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    model = peft_model(model_dirs)
     trainer = NonTargetKLSFTTrainer(model=model, args=sft_args(tmp_path, max_steps=2), train_dataset=conversational(),
                                     processing_class=tokenizer)
     batch = first_batch(trainer)
@@ -138,9 +109,9 @@ def test_sft_subclass_conversational(paths, tmp_path):
     assert trainer.state.log_history[0]["nontarget_kl"] > 0
 
 
-def test_sft_subclass_packing_padding_free(paths, tmp_path):
-    tokenizer = tiny_tokenizer(paths / "tokenizer")
-    model = moved_peft_model(paths)
+def test_sft_subclass_packing_padding_free(model_dirs, tmp_path):
+    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    model = peft_model(model_dirs)
     trainer = NonTargetKLSFTTrainer(model=model, args=sft_args(tmp_path, max_steps=2, packing=True, max_length=48,
                                                                per_device_train_batch_size=2),
                                     train_dataset=prompt_completion(), processing_class=tokenizer)
@@ -156,19 +127,19 @@ def test_sft_subclass_packing_padding_free(paths, tmp_path):
 # -- the hook ------------------------------------------------------------------------------------------------------
 
 
-def test_hook_and_subclass_train_identically_in_sft(paths, tmp_path):
+def test_hook_and_subclass_train_identically_in_sft(model_dirs, tmp_path):
     # Both through TRL's peft_config path (SFTTrainer wraps the model; the hook then sits on the inner model).
-    tokenizer = tiny_tokenizer(paths / "tokenizer")
+    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
     common = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2)
     torch.manual_seed(0)
-    sub = NonTargetKLSFTTrainer(model=base_model(paths), args=sft_args(tmp_path / "a", **common),
+    sub = NonTargetKLSFTTrainer(model=load_model(model_dirs), args=sft_args(tmp_path / "a", **common),
                                 train_dataset=prompt_completion(), processing_class=tokenizer,
                                 peft_config=lora_config(), kl_weight=2.0)
     assert sub.args.bf16  # TRL's default: both passes run under accelerate's bf16 autocast
     sub.train()
     assert sub.state.log_history[0]["nontarget_kl"] == 0.0  # same precision for both passes: exactly 0 at first
 
-    plain = base_model(paths)
+    plain = load_model(model_dirs)
     hook = nontarget_kl_loss_func(plain, kl_weight=2.0)
     assert len(hooks_of(hook, plain)) == 2  # the inputs, and the autocast state at the input embeddings
     torch.manual_seed(0)
@@ -186,9 +157,9 @@ def test_hook_and_subclass_train_identically_in_sft(paths, tmp_path):
     assert count_hooks(plain) == before - 2 and not hooks_of(hook, plain)
 
 
-def test_hook_on_peft_model_matches_reference_in_sft(paths, tmp_path):
-    tokenizer = tiny_tokenizer(paths / "tokenizer")
-    model = moved_peft_model(paths)
+def test_hook_on_peft_model_matches_reference_in_sft(model_dirs, tmp_path):
+    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    model = peft_model(model_dirs)
     hook = nontarget_kl_loss_func(model, kl_weight=0.5, kl_direction="reverse")
     with pytest.warns(FutureWarning):
         trainer = SFTTrainer(model=model, args=sft_args(tmp_path, max_steps=2), train_dataset=prompt_completion(),
@@ -206,15 +177,15 @@ def test_hook_on_peft_model_matches_reference_in_sft(paths, tmp_path):
     assert not hooks_of(hook, model)
 
 
-def test_hook_with_transformers_trainer_matches_subclass(paths, tmp_path):
+def test_hook_with_transformers_trainer_matches_subclass(model_dirs, tmp_path):
     data = toy_token_batches(8, seed=4)
     args = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, learning_rate=0.5,
                 optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
                 save_strategy="no", seed=0, disable_tqdm=True)
-    sub_model = moved_peft_model(paths)
+    sub_model = peft_model(model_dirs)
     NonTargetKLTrainer(model=sub_model, args=TrainingArguments(str(tmp_path / "a"), **args), train_dataset=data,
                        kl_weight=1.5).train()
-    hook_model = moved_peft_model(paths)
+    hook_model = peft_model(model_dirs)
     hook = nontarget_kl_loss_func(hook_model, kl_weight=1.5)
     Trainer(model=hook_model, args=TrainingArguments(str(tmp_path / "b"), **args), train_dataset=data,
             compute_loss_func=hook).train()
@@ -222,16 +193,16 @@ def test_hook_with_transformers_trainer_matches_subclass(paths, tmp_path):
     assert_same_state(trainable_state(sub_model), trainable_state(hook_model), atol=1e-6)
 
 
-def test_hook_with_ref_model_under_bf16_matches_subclass(paths, tmp_path):
+def test_hook_with_ref_model_under_bf16_matches_subclass(model_dirs, tmp_path):
     # Full fine-tuning under accelerate's bf16 autocast: the hook replays the autocast around ref_model's pass.
     data = toy_token_batches(8, seed=4)
     args = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=0.05, optim="sgd", logging_steps=1,
                 report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, bf16=True)
-    sub_model, hook_model = base_model(paths), base_model(paths)
+    sub_model, hook_model = load_model(model_dirs), load_model(model_dirs)
     sub = NonTargetKLTrainer(model=sub_model, args=TrainingArguments(str(tmp_path / "a"), **args), train_dataset=data,
-                             ref_model=base_model(paths))
+                             ref_model=load_model(model_dirs))
     sub.train()
-    hook = nontarget_kl_loss_func(hook_model, ref_model=base_model(paths))
+    hook = nontarget_kl_loss_func(hook_model, ref_model=load_model(model_dirs))
     via_hook = Trainer(model=hook_model, args=TrainingArguments(str(tmp_path / "b"), **args), train_dataset=data,
                        compute_loss_func=hook)
     via_hook.train()
@@ -242,8 +213,8 @@ def test_hook_with_ref_model_under_bf16_matches_subclass(paths, tmp_path):
         pytest.approx([log["loss"] for log in sub.state.log_history[:2]], rel=1e-5)
 
 
-def test_hook_full_fine_tuning_with_ref_model(paths, tmp_path):
-    model = base_model(paths)
+def test_hook_full_fine_tuning_with_ref_model(model_dirs, tmp_path):
+    model = load_model(model_dirs)
     ref = copy.deepcopy(model)
     hook = nontarget_kl_loss_func(model, ref_model=ref)
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
@@ -255,15 +226,19 @@ def test_hook_full_fine_tuning_with_ref_model(paths, tmp_path):
     hook.remove()
 
 
-def test_hook_errors(paths, tmp_path):
+def test_hook_errors(model_dirs, tmp_path):
     with pytest.raises(TypeError):
         nontarget_kl_loss_func("model")
     with pytest.raises(ValueError, match="kl_weight"):
-        nontarget_kl_loss_func(moved_peft_model(paths), kl_weight=-0.1)
+        nontarget_kl_loss_func(peft_model(model_dirs), kl_weight=-0.1)
     with pytest.raises(ValueError, match="kl_direction"):
-        nontarget_kl_loss_func(moved_peft_model(paths), kl_direction="up")
+        nontarget_kl_loss_func(peft_model(model_dirs), kl_direction="up")
 
-    model = moved_peft_model(paths)
+    model = peft_model(model_dirs)
+    options = RegularizerOptions(kl_weight=0.5, kl_direction="reverse")
+    hook = nontarget_kl_loss_func(model, options=options)
+    assert hook.options is options and (hook.kl_weight, hook.kl_direction) == (0.5, "reverse")
+    hook.remove()
     hook = nontarget_kl_loss_func(model)
     labels = collate(toy_token_batches(2))["labels"]
     with pytest.raises(RuntimeError, match="no forward"):
@@ -272,13 +247,13 @@ def test_hook_errors(paths, tmp_path):
     with pytest.raises(RuntimeError, match="removed"):
         hook(None, labels)
 
-    merged = moved_peft_model(paths)
+    merged = peft_model(model_dirs)
     merged.merge_adapter()
     with pytest.raises(ValueError, match="merged"):
         nontarget_kl_loss_func(merged)
 
     # A plain model may still be wrapped by SFTTrainer(peft_config=...): the check waits for the first step.
-    plain = base_model(paths)
+    plain = load_model(model_dirs)
     hook = nontarget_kl_loss_func(plain)
     trainer = Trainer(model=plain, args=TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
                                                           disable_tqdm=True), train_dataset=toy_token_batches(4),
@@ -288,14 +263,14 @@ def test_hook_errors(paths, tmp_path):
     hook.remove()
 
 
-def test_subclass_rejects_what_it_does_not_support(paths, tmp_path):
-    tokenizer = tiny_tokenizer(paths / "tokenizer")
+def test_subclass_rejects_what_it_does_not_support(model_dirs, tmp_path):
+    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
     with pytest.raises(ValueError, match="compute_loss_func"):
-        NonTargetKLSFTTrainer(model=moved_peft_model(paths), args=sft_args(tmp_path), train_dataset=prompt_completion(),
+        NonTargetKLSFTTrainer(model=peft_model(model_dirs), args=sft_args(tmp_path), train_dataset=prompt_completion(),
                               processing_class=tokenizer, compute_loss_func=lambda *a, **k: 0)
     with pytest.raises(ValueError, match="loss_type"):
-        NonTargetKLSFTTrainer(model=moved_peft_model(paths), args=sft_args(tmp_path, loss_type="dft"),
+        NonTargetKLSFTTrainer(model=peft_model(model_dirs), args=sft_args(tmp_path, loss_type="dft"),
                               train_dataset=prompt_completion(), processing_class=tokenizer)
     with pytest.raises(ValueError, match="ref_model"):
-        NonTargetKLSFTTrainer(model=base_model(paths), args=sft_args(tmp_path), train_dataset=prompt_completion(),
+        NonTargetKLSFTTrainer(model=load_model(model_dirs), args=sft_args(tmp_path), train_dataset=prompt_completion(),
                               processing_class=tokenizer)

@@ -180,3 +180,38 @@ def sgd_args(tmp_path, **overrides):
                   disable_tqdm=True)
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def load_model(model_dirs, arch="llama", dtype=torch.float32):
+    """A tiny model saved under `model_dirs` (the `model_dirs` fixture of conftest.py): "llama" or "gemma2"."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dirs / arch, dtype=dtype)
+
+
+def lora_config(**overrides):
+    """LoRA r=4 on LORA_TARGETS, the adapter most tests train."""
+    from peft import LoraConfig
+
+    return LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": LORA_TARGETS, **overrides})
+
+
+def peft_model(model_dirs, arch="llama", *, dtype=torch.float32, config=None, seed=0, moved=True):
+    """A PEFT model on a saved tiny model; `moved`: adapters perturbed away from zero, so the KL is not trivially 0."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_model(model_dirs, arch, dtype), config or lora_config())
+    if moved:
+        perturb_trainable(model)
+    return model
+
+
+def trainable_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_state(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=name)
