@@ -25,12 +25,12 @@ from kl_nontarget.batch import compute_batch_hidden, compute_batch_logits
 from kl_nontarget.batch_loss import fused_loss, logits_loss, require_fused, step_heads
 from kl_nontarget.distributed import install_exit_handler
 from kl_nontarget.lm_head import register_head_capture
-from kl_nontarget.options import RegularizerOptions, options_from
+from kl_nontarget.options import RegularizerOptions, UsesRegularizerOptions, options_from
 
 __all__ = ["NonTargetKLLossFunc", "nontarget_kl_loss_func"]
 
 
-class NonTargetKLLossFunc:
+class NonTargetKLLossFunc(UsesRegularizerOptions):
     """`compute_loss_func` for transformers.Trainer / trl.SFTTrainer; see `nontarget_kl_loss_func`."""
 
     def __init__(self, model: nn.Module, *, kl_weight: float = 1.0, temperature: float = 1.0,
@@ -57,22 +57,6 @@ class NonTargetKLLossFunc:
             # Accelerate's mixed precision wraps the outermost forward in autocast, inside the pre-hook above: read
             # the autocast state where the forward actually runs (no tensors are kept).
             self._handles.append(embeddings.register_forward_pre_hook(self._note_autocast))
-
-    @property
-    def kl_weight(self) -> float:
-        return self.options.kl_weight
-
-    @property
-    def temperature(self) -> float:
-        return self.options.temperature
-
-    @property
-    def kl_direction(self) -> str:
-        return self.options.kl_direction
-
-    @property
-    def fused_linear(self):
-        return self.options.fused_linear
 
     def _check(self):
         check_reference(self.model, self.ref_model)

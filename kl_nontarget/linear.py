@@ -252,10 +252,14 @@ class _NonTargetKLLinearFunction(torch.autograd.Function):
         return gh, gw, gb, None
 
 
-def nontarget_kl_linear_loss(hidden, ref_hidden, weight, labels, *, bias=None, ref_weight=None, logit_scale=1.0,
-                             softcap=None, kl_weight=1.0, temperature=1.0, ignore_index=-100, reduction="mean",
-                             num_items_in_batch=None, kl_direction="forward", backend="auto", chunk_size=None,
-                             return_components=False):
+def nontarget_kl_linear_loss(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor,
+                             labels: torch.Tensor, *, bias: torch.Tensor | None = None,
+                             ref_weight: torch.Tensor | None = None, logit_scale: float = 1.0,
+                             softcap: float | None = None, kl_weight: float = 1.0, temperature: float = 1.0,
+                             ignore_index: int = -100, reduction: str = "mean",
+                             num_items_in_batch: int | torch.Tensor | None = None, kl_direction: str = "forward",
+                             backend: str = "auto", chunk_size: int | None = None, return_components: bool = False
+                             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`nontarget_kl_loss` computed from final hidden states and the LM head, without materialising the logits.
 
     Equal, up to float rounding, to `nontarget_kl_loss(head(hidden), head_ref(ref_hidden), labels, ...)` with

@@ -75,9 +75,11 @@ class _NonTargetCEFunction(torch.autograd.Function):
         return grad, None, None, None
 
 
-def nontarget_kl_loss(logits, ref_logits, labels, *, kl_weight=1.0, temperature=1.0, ignore_index=-100,
-                      reduction="mean", num_items_in_batch=None, kl_direction="forward", backend="auto",
-                      return_components=False):
+def nontarget_kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, *, kl_weight: float = 1.0,
+                      temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
+                      num_items_in_batch: int | torch.Tensor | None = None, kl_direction: str = "forward",
+                      backend: str = "auto", return_components: bool = False
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy plus a KL between the base and adapted non-target distributions.
 
     At every position whose label is not `ignore_index`, the gold token is removed from both next-token
@@ -136,14 +138,16 @@ class NonTargetKLLoss(nn.Module):
     `forward(logits, ref_logits, labels, num_items_in_batch=None)` returns what `nontarget_kl_loss` returns.
     """
 
-    def __init__(self, *, kl_weight=1.0, temperature=1.0, ignore_index=-100, reduction="mean",
-                 kl_direction="forward", backend="auto", return_components=False):
+    def __init__(self, *, kl_weight: float = 1.0, temperature: float = 1.0, ignore_index: int = -100,
+                 reduction: str = "mean", kl_direction: str = "forward", backend: str = "auto",
+                 return_components: bool = False):
         super().__init__()
         self.options = dict(kl_weight=kl_weight, temperature=temperature, ignore_index=ignore_index,
                             reduction=reduction, kl_direction=kl_direction, backend=backend,
                             return_components=return_components)
 
-    def forward(self, logits, ref_logits, labels, num_items_in_batch=None):
+    def forward(self, logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+                num_items_in_batch: int | torch.Tensor | None = None):
         return nontarget_kl_loss(logits, ref_logits, labels, num_items_in_batch=num_items_in_batch, **self.options)
 
     def extra_repr(self):

@@ -2,7 +2,9 @@
 
 The trainers, the `compute_loss_func` hook and (through their config classes) the command line all hold one of these.
 To add an option, add a field with its default and its check in `__post_init__`; everything that holds a
-`RegularizerOptions` then carries it (`dataclasses.replace(options, field=value)` derives a changed copy).
+`RegularizerOptions` then carries it (`options.replace(field=value)` derives a checked copy, `from_object` reads the
+fields from a config object). `UsesRegularizerOptions` gives the holders attribute access (`trainer.kl_weight`); a new
+field that holders should expose as an attribute gets a property there.
 
 This module imports nothing heavy: it sits at the bottom of the package (see docs/design.md, "Architecture").
 """
@@ -85,6 +87,35 @@ class RegularizerOptions:
     def replace(self, **changes) -> RegularizerOptions:
         """A validated copy with `changes` applied."""
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_object(cls, source, **overrides) -> RegularizerOptions:
+        """Options read from the attributes of `source` named like the fields (for example a config dataclass that
+        extends `TrainingArguments`); fields `source` lacks keep their defaults, `overrides` win."""
+        values = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if hasattr(source, f.name)}
+        return cls(**{**values, **overrides})
+
+
+class UsesRegularizerOptions:
+    """Read-only attribute access (`obj.kl_weight`, ...) to the `RegularizerOptions` held as `self.options`."""
+
+    options: RegularizerOptions
+
+    @property
+    def kl_weight(self) -> float:
+        return self.options.kl_weight
+
+    @property
+    def temperature(self) -> float:
+        return self.options.temperature
+
+    @property
+    def kl_direction(self) -> str:
+        return self.options.kl_direction
+
+    @property
+    def fused_linear(self) -> FusedLinear:
+        return self.options.fused_linear
 
 
 def options_from(options: RegularizerOptions | None = None, **keywords) -> RegularizerOptions:

@@ -30,7 +30,7 @@ from kl_nontarget.batch_loss import fused_loss, require_fused, step_heads
 from kl_nontarget.components import ComponentLog
 from kl_nontarget.distributed import install_exit_handler
 from kl_nontarget.loss import nontarget_kl_loss
-from kl_nontarget.options import RegularizerOptions, options_from
+from kl_nontarget.options import RegularizerOptions, UsesRegularizerOptions, options_from
 
 
 def check_options(kl_weight, temperature, kl_direction, fused_linear="auto") -> None:
@@ -39,7 +39,7 @@ def check_options(kl_weight, temperature, kl_direction, fused_linear="auto") -> 
                        fused_linear=fused_linear)
 
 
-class NonTargetKLMixin:
+class NonTargetKLMixin(UsesRegularizerOptions):
     """Loss, logging and evaluation of the non-target KL for a `transformers.Trainer` subclass.
 
     Call `_init_nontarget_kl(options, ref_model)` at the end of `__init__`. The regularizer's options are
@@ -66,22 +66,6 @@ class NonTargetKLMixin:
         self.component_log = ComponentLog()
         # Multi-process CPU (gloo) runs: finish the collectives before the interpreter exits (see distributed.py).
         install_exit_handler()
-
-    @property
-    def kl_weight(self) -> float:
-        return self.options.kl_weight
-
-    @property
-    def temperature(self) -> float:
-        return self.options.temperature
-
-    @property
-    def kl_direction(self) -> str:
-        return self.options.kl_direction
-
-    @property
-    def fused_linear(self):
-        return self.options.fused_linear
 
     # -- the loss ------------------------------------------------------------------------------------------------
 

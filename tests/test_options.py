@@ -43,6 +43,19 @@ def test_frozen_and_replace_revalidates():
         options.replace(temperature=-1.0)
 
 
+def test_from_object_reads_matching_attributes():
+    class Config:  # stands for a config dataclass with more fields than the regularizer's
+        kl_weight = 0.3
+        kl_direction = "reverse"
+        learning_rate = 1e-4
+
+    assert RegularizerOptions.from_object(Config()) == RegularizerOptions(kl_weight=0.3, kl_direction="reverse")
+    assert RegularizerOptions.from_object(Config(), kl_weight=2.0).kl_weight == 2.0
+    Config.temperature = -1.0
+    with pytest.raises(ValueError, match="temperature"):
+        RegularizerOptions.from_object(Config())
+
+
 def test_options_or_keywords_not_both():
     options = RegularizerOptions(kl_weight=0.5)
     assert options_from(options, kl_weight=1.0, fused_linear="auto") is options  # keywords left at their defaults
