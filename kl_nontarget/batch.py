@@ -226,12 +226,14 @@ def compute_batch_hidden(model: nn.Module, inputs: dict, heads: tuple[LinearHead
                          labels: torch.Tensor | None = None, forward_args: tuple = (),
                          base_context: contextlib.AbstractContextManager | None = None,
                          adapted_hidden: torch.Tensor | None = None, adapted_autocast: tuple = (False, None),
-                         adapted_outputs: Any = None) -> BatchHidden:
+                         adapted_outputs: Any = None, base_hidden: torch.Tensor | None = None) -> BatchHidden:
     """`compute_batch_logits` for the fused-linear path: final hidden states of both passes instead of logits.
 
     `heads` comes from `fused_heads(model, ref_model)`. `adapted_hidden` (B, T, d) and `adapted_autocast` are the
     head input and autocast state of an adapted forward already run on `inputs` (the `compute_loss_func` hook);
-    otherwise the adapted pass runs here. The other arguments are those of `compute_batch_logits`.
+    otherwise the adapted pass runs here. `base_hidden` (N, d): the base model's final hidden states at the
+    supervised positions, already known (`kl_nontarget.base_cache`); then no base pass runs. The other arguments are
+    those of `compute_batch_logits`.
     """
     target, mask, kwargs = _batch_parts(model, inputs, labels)
     head, ref_head = heads
@@ -243,7 +245,21 @@ def compute_batch_hidden(model: nn.Module, inputs: dict, heads: tuple[LinearHead
             adapted_outputs = model(*forward_args, **kwargs)
         adapted_hidden, adapted_autocast = capture.take("the model", adapted_outputs), capture.autocast
     hidden = select_hidden(adapted_hidden, mask, source="the model")
+    if base_hidden is None:
+        ref_hidden, _ = _base_hidden(model, kwargs, mask, ref_head, ref_model=ref_model, unwrapped=unwrapped,
+                                     forward_args=forward_args, base_context=base_context)
+    elif base_hidden.shape != hidden.shape:
+        raise ValueError(f"base_hidden has shape {tuple(base_hidden.shape)}, but the batch has {hidden.shape[0]} "
+                         f"supervised positions of hidden size {hidden.shape[-1]}")
+    else:
+        ref_hidden = base_hidden
+    ref_hidden = ref_hidden.to(hidden.device)
+    return BatchHidden(hidden=hidden, ref_hidden=ref_hidden, labels=target[mask.to(target.device)], head=head,
+                       ref_head=ref_head, autocast=adapted_autocast, outputs=adapted_outputs)
 
+
+def _base_hidden(model, kwargs, mask, ref_head, *, ref_model, unwrapped, forward_args=(), base_context=None):
+    """(base final hidden states at the True positions of `mask`, autocast state at the base model's head)."""
     base_kwargs, base_mask = kwargs, mask
     if ref_model is not None:
         base_kwargs = to_device(kwargs, device_of(ref_model))
@@ -252,10 +268,32 @@ def compute_batch_hidden(model: nn.Module, inputs: dict, heads: tuple[LinearHead
     with head_input_captured(ref_head.module) as capture:
         base_forward(model, base_kwargs, ref_model=ref_model, forward_args=forward_args, unwrapped=unwrapped,
                      context=base_context)
-    ref_hidden = select_hidden(capture.take(source), base_mask, source=source).to(hidden.device)
-    return BatchHidden(hidden=hidden, ref_hidden=ref_hidden, labels=target[mask.to(target.device)], head=head,
-                       ref_head=ref_head, autocast=adapted_autocast, outputs=adapted_outputs)
+        autocast = capture.autocast
+        hidden = capture.take(source)
+    return select_hidden(hidden, base_mask, source=source), autocast
 
+
+@dataclass
+class BaseRows:
+    """The base pass alone on one batch, at its supervised positions (row-major over (batch, sequence))."""
+
+    hidden: torch.Tensor  # (N, d), no gradient
+    input_ids: torch.Tensor  # (N,), the token at each position
+    labels: torch.Tensor  # (N,), the gold next token there
+    autocast: tuple  # (enabled, dtype) where the base model called its head
+
+
+def compute_base_rows(model: nn.Module, inputs: dict, ref_head: LinearHead, *, ref_model: nn.Module | None = None,
+                      unwrapped: nn.Module | None = None,
+                      base_context: contextlib.AbstractContextManager | None = None) -> BaseRows:
+    """The base model's final hidden states at the supervised positions of `inputs` (needs `input_ids`)."""
+    target, mask, kwargs = _batch_parts(model, inputs, None)
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError("the batch has no input_ids tensor")
+    hidden, autocast = _base_hidden(model, kwargs, mask, ref_head, ref_model=ref_model, unwrapped=unwrapped,
+                                    base_context=base_context)
+    return BaseRows(hidden=hidden, input_ids=ids[mask], labels=target[mask], autocast=autocast)
 
 
 @dataclass(frozen=True)

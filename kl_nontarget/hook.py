@@ -8,6 +8,8 @@ This module does not import TRL.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -38,6 +40,13 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
                  options: RegularizerOptions | None = None):
         self.options = options_from(options, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
                                     fused_linear=fused_linear)
+        if self.options.precompute_base is not False:
+            # The hook never sees the dataset, so it cannot build the cache.
+            message = ("precompute_base is a trainer option (NonTargetKLTrainer, NonTargetKLSFTTrainer): the "
+                       "compute_loss_func hook never sees the dataset")
+            if self.options.precompute_base is True:
+                raise ValueError(message)
+            warnings.warn(message + "; the base pass runs at every step", UserWarning, stacklevel=3)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._head = None  # (heads, capture, hook handles) of the adapted forward in flight on the fused path

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from numbers import Real
 from typing import Literal, Union
 
 DIRECTIONS = ("forward", "reverse")
 FUSED_LINEAR_OPTIONS = (True, False, "auto")
+PRECOMPUTE_BASE_OPTIONS = (True, False, "auto")
 
 KLDirection = Literal["forward", "reverse"]
 FusedLinear = Union[bool, Literal["auto"]]
+PrecomputeBase = Union[bool, Literal["auto"]]
 
 
 def check_regularizer_options(kl_weight, temperature, kl_direction) -> None:
@@ -49,6 +52,15 @@ def check_fused_linear(fused_linear) -> None:
         raise ValueError(f"fused_linear must be True, False or 'auto', got {fused_linear!r}")
 
 
+def check_precompute_base(precompute_base, base_cache_dir) -> None:
+    """ValueError/TypeError unless `precompute_base` is True, False or "auto" and `base_cache_dir` a path or None."""
+    if not (precompute_base is True or precompute_base is False
+            or (isinstance(precompute_base, str) and precompute_base == "auto")):
+        raise ValueError(f"precompute_base must be True, False or 'auto', got {precompute_base!r}")
+    if base_cache_dir is not None and not isinstance(base_cache_dir, (str, os.PathLike)):
+        raise TypeError(f"base_cache_dir must be a path or None, got {type(base_cache_dir).__name__}")
+
+
 @dataclass(frozen=True)
 class RegularizerOptions:
     """Options of the non-target KL regularizer shared by the trainers and the `compute_loss_func` hook.
@@ -59,6 +71,12 @@ class RegularizerOptions:
         kl_direction: "forward" for KL(base || adapted), "reverse" for KL(adapted || base).
         fused_linear: "auto", True or False: whether the loss is computed from final hidden states and the LM head
             (no N x V logits) when the model qualifies; see `kl_nontarget.NonTargetKLTrainer`.
+        precompute_base: False, True or "auto": compute the base model's final hidden states at the supervised
+            positions once before training, store them on disk and reuse them at every step, epoch and later run on
+            the same model and data (trainers only, fused-linear path only; see `kl_nontarget.base_cache`). True
+            refuses to train when the cache cannot apply; "auto" warns and runs the base pass at every step.
+        base_cache_dir: folder of those caches (default: `$KL_NONTARGET_CACHE`, else
+            `~/.cache/kl_nontarget/base_hidden`).
 
     Raises TypeError/ValueError at construction for a bad value; numbers are stored as floats.
     """
@@ -67,9 +85,14 @@ class RegularizerOptions:
     temperature: float = 1.0
     kl_direction: KLDirection = "forward"
     fused_linear: FusedLinear = "auto"
+    precompute_base: PrecomputeBase = False
+    base_cache_dir: str | None = None
 
     def __post_init__(self):
         check_fused_linear(self.fused_linear)
+        check_precompute_base(self.precompute_base, self.base_cache_dir)
+        if self.base_cache_dir is not None:
+            object.__setattr__(self, "base_cache_dir", os.fspath(self.base_cache_dir))
         check_regularizer_options(self.kl_weight, self.temperature, self.kl_direction)
         # Normalised once here, so every consumer sees plain floats (ints and numpy scalars are accepted above).
         object.__setattr__(self, "kl_weight", float(self.kl_weight))
@@ -116,6 +139,10 @@ class UsesRegularizerOptions:
     @property
     def fused_linear(self) -> FusedLinear:
         return self.options.fused_linear
+
+    @property
+    def precompute_base(self) -> PrecomputeBase:
+        return self.options.precompute_base
 
 
 def options_from(options: RegularizerOptions | None = None, **keywords) -> RegularizerOptions:

@@ -31,6 +31,7 @@ from kl_nontarget.components import ComponentLog
 from kl_nontarget.distributed import install_exit_handler
 from kl_nontarget.loss import nontarget_kl_loss
 from kl_nontarget.options import RegularizerOptions, UsesRegularizerOptions, options_from
+from kl_nontarget.precompute import INDEX_KEY, BasePrecompute, split_index, static_blocker
 
 
 def check_options(kl_weight, temperature, kl_direction, fused_linear="auto") -> None:
@@ -60,6 +61,12 @@ class NonTargetKLMixin(UsesRegularizerOptions):
                                  "takes logits; use fused_linear='auto' or False")
             if self.model is not None:
                 require_fused(self.model, self.ref_model)
+        # precompute_base: the base hidden-state caches, built at train() (kl_nontarget.precompute).
+        self.base_precompute = BasePrecompute(self)
+        if self.options.precompute_base is True and self.model is not None:
+            reason = static_blocker(self)
+            if reason is not None:
+                self.base_precompute.refuse_or_warn(reason)
         # The loss is normalised by `num_items_in_batch`: ask the Trainer to count the tokens of the accumulation
         # window (and not to divide the loss by the accumulation steps again).
         self.model_accepts_loss_kwargs = True
@@ -114,6 +121,8 @@ class NonTargetKLMixin(UsesRegularizerOptions):
             self._loss_only_prediction = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        # The example indices of precompute_base never reach the model.
+        inputs, example_indices = split_index(inputs)
         if "labels" not in inputs and "shift_labels" not in inputs:
             raise ValueError(f"{type(self).__name__} needs 'labels' in every batch (use a collator that builds "
                              "them, with -100 on unsupervised positions); got keys " + ", ".join(inputs))
@@ -126,8 +135,9 @@ class NonTargetKLMixin(UsesRegularizerOptions):
         needs_logits = (return_outputs and not self._loss_only_prediction) or bool(inputs.get("output_hidden_states"))
         heads = self._fused_heads(model, needs_logits)
         if heads is not None:
+            base_hidden = self.base_precompute.base_hidden(inputs, example_indices, model.training, heads)
             batch = compute_batch_hidden(model, inputs, heads, ref_model=self.ref_model, unwrapped=unwrapped,
-                                         base_context=base_context)
+                                         base_context=base_context, base_hidden=base_hidden)
             loss, ce, kl = self.compute_fused_loss(batch, num_items_in_batch)
             # prediction_step with prediction_loss_only keeps the loss only; the logits were never built.
             outputs = {"loss": loss.detach()}
@@ -190,7 +200,18 @@ class NonTargetKLMixin(UsesRegularizerOptions):
     def train(self, *args, **kwargs):
         # Loss calls made outside training (by hand, or before a resume) must not leak into the first logging window.
         self.component_log.reset("train")
-        return super().train(*args, **kwargs)
+        # precompute_base: find or build the caches, key the datasets for the run, and unkey them afterwards.
+        self.base_precompute.prepare()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.base_precompute.restore()
+
+    def _set_signature_columns_if_needed(self):
+        # The example-index column of precompute_base must survive remove_unused_columns.
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and INDEX_KEY not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, INDEX_KEY]
 
     def log(self, logs, *args, **kwargs):
         steps = self.component_log.window_steps(self.state.global_step)
@@ -235,13 +256,22 @@ class NonTargetKLTrainer(NonTargetKLMixin, Trainer):
             the same, but raise at construction when the model does not qualify. False: always the logits. The
             logits are also used when evaluation needs predictions (`compute_metrics`), and when a subclass
             overrides `compute_regularized_loss`. Both paths give the same loss and gradients up to float rounding.
+        precompute_base: False (default), True or "auto": compute the base model's final hidden states at the
+            supervised positions of the train and eval datasets once, at `train()`, store them in `base_cache_dir`
+            (memory-mapped Arrow, one file per base model, data and collation) and use them at every step instead of
+            the base pass; later runs on the same model and data (more epochs, a kl_weight sweep) find the file and
+            run no base pass at all. Needs the fused-linear path and a map-style dataset; True raises where the cache
+            cannot apply, "auto" warns and runs the base pass at every step. See README, "Precomputing the base".
+        base_cache_dir: where the caches live (default `$KL_NONTARGET_CACHE` or ~/.cache/kl_nontarget/base_hidden).
         options: all of the above but `ref_model` as one `kl_nontarget.options.RegularizerOptions` (then leave the
             keywords at their defaults); held as `trainer.options`.
     """
 
     def __init__(self, *args, kl_weight: float = 1.0, temperature: float = 1.0, kl_direction: str = "forward",
-                 ref_model=None, fused_linear="auto", options: RegularizerOptions | None = None, **kwargs):
+                 ref_model=None, fused_linear="auto", precompute_base=False, base_cache_dir=None,
+                 options: RegularizerOptions | None = None, **kwargs):
         options = options_from(options, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
-                               fused_linear=fused_linear)
+                               fused_linear=fused_linear, precompute_base=precompute_base,
+                               base_cache_dir=base_cache_dir)
         super().__init__(*args, **kwargs)
         self._init_nontarget_kl(options, ref_model)

@@ -44,8 +44,8 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
 
     Args:
         *args, **kwargs: the usual `SFTTrainer` arguments, `peft_config=` included (SFTTrainer then wraps the model).
-        kl_weight, temperature, kl_direction, ref_model, fused_linear, options: as for
-            `kl_nontarget.NonTargetKLTrainer`.
+        kl_weight, temperature, kl_direction, ref_model, fused_linear, precompute_base, base_cache_dir, options: as
+            for `kl_nontarget.NonTargetKLTrainer` (the cache is built from the prepared dataset: tokenised, packed).
 
     Logs `ce_loss` and `nontarget_kl` next to SFT's `entropy`, `mean_token_accuracy` and `num_tokens` (on the
     fused-linear path the last two are computed from the hidden states in chunks). Only the "nll" loss type is
@@ -53,9 +53,11 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
     """
 
     def __init__(self, *args, kl_weight: float = 1.0, temperature: float = 1.0, kl_direction: str = "forward",
-                 ref_model=None, fused_linear="auto", options: RegularizerOptions | None = None, **kwargs):
+                 ref_model=None, fused_linear="auto", precompute_base=False, base_cache_dir=None,
+                 options: RegularizerOptions | None = None, **kwargs):
         options = options_from(options, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
-                               fused_linear=fused_linear)
+                               fused_linear=fused_linear, precompute_base=precompute_base,
+                               base_cache_dir=base_cache_dir)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("NonTargetKLSFTTrainer computes its own loss; do not pass compute_loss_func (use "
                              "trl.SFTTrainer with compute_loss_func=nontarget_kl_loss_func(...) for the hook form)")
