@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kl_nontarget.batch import IGNORE_INDEX, shifted_labels
+
 INDEX_KEY = "kl_base_index"
 FORMAT_VERSION = 1
 # Relative tolerance of the layout check (the same example's base rows computed in two different batches): batched
@@ -192,7 +194,7 @@ def cache_fingerprint(*, weights: Iterable[tuple[str, torch.Tensor]], examples: 
     inner = collate
     while hasattr(inner, "collator") or hasattr(inner, "data_collator"):
         h.update(type(inner).__qualname__.encode())
-        inner = getattr(inner, "collator", None) or getattr(inner, "data_collator")
+        inner = getattr(inner, "collator", None) or inner.data_collator
     h.update(f"{type(inner).__module__}.{getattr(inner, '__qualname__', type(inner).__qualname__)}".encode())
     attrs = getattr(inner, "__dict__", {})
     _feed(h, {k: v for k, v in attrs.items() if isinstance(v, (bool, int, float, str, type(None)))})
@@ -285,8 +287,6 @@ def load_cache(cache_dir, fingerprint: str, num_examples: int) -> BaseHiddenCach
 
 
 def _supervised_count(collate, feature) -> int:
-    from kl_nontarget.batch import IGNORE_INDEX, shifted_labels
-
     return int((shifted_labels(collate([feature])) != IGNORE_INDEX).sum())
 
 
@@ -357,8 +357,6 @@ def split_rows(collate, chunk, rows) -> list[tuple[torch.Tensor, torch.Tensor, t
     out, start = [], 0
     for feature, count in zip(chunk, counts):
         alone = collate([feature])
-        from kl_nontarget.batch import IGNORE_INDEX, shifted_labels
-
         target = shifted_labels(alone)
         mask = target != IGNORE_INDEX
         ids, gold = rows.input_ids[start:start + count].cpu(), rows.labels[start:start + count].cpu()

@@ -175,3 +175,43 @@ def test_hook_refuses_precompute_base(model_dirs):
         nontarget_kl_loss_func(model).remove()  # the default: no warning
     with pytest.warns(UserWarning, match="trainer option"):
         nontarget_kl_loss_func(model, options=RegularizerOptions(precompute_base="auto")).remove()
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_sft_cached_equals_uncached(model_dirs, tmp_path, layout, base_rows_counter):
+    """TRL's prepared dataset (completion-only labels) and its collator: padded, or packed rows concatenated without
+    padding (several packed rows, each of several sequences, in one row per batch)."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from kl_nontarget.trl import NonTargetKLSFTTrainer
+
+    from tiny_models import tiny_tokenizer, toy_prompt_completions
+
+    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    data = Dataset.from_list(toy_prompt_completions(12, seed=5))
+    results = []
+    for cached in (False, True):
+        packed = layout == "packed"
+        args = SFTConfig(output_dir=str(tmp_path / f"out{cached}"), per_device_train_batch_size=2 if packed else 4,
+                         max_steps=3, packing=packed,
+                         learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[],
+                         use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                         max_length=24 if packed else 64, bf16=False)  # float32: see the module docstring
+        model = peft_model(model_dirs)
+        trainer = NonTargetKLSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                        kl_weight=0.7, precompute_base=cached, base_cache_dir=tmp_path / "cache")
+        base_rows_counter.update(rows=0, calls=0)
+        trainer.train()
+        if packed:
+            batch = next(iter(trainer.get_train_dataloader()))
+            assert batch["input_ids"].shape[0] == 1 and int((batch["position_ids"] == 0).sum()) > 2
+        results.append(([log["loss"] for log in trainer.state.log_history if "loss" in log], trainable_state(model),
+                        base_rows_counter["calls"]))
+    batches = -(-len(trainer.train_dataset) // args.per_device_train_batch_size)
+    (plain_losses, plain_state, plain_calls), (losses, state, calls) = results
+    assert plain_calls == 3
+    assert calls == batches + 1  # the data once, the layout check, and no base pass during the steps
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), atol=2e-5, rtol=1e-4)
+    assert_same_state(state, plain_state, atol=2e-5)

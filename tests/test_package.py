@@ -41,11 +41,12 @@ LEVELS = {
     "base_model": 4, "batching": 4,
     "lm_head": 5,
     "batch": 6,
-    "batch_loss": 7, "components": 7, "metrics": 7,
-    "trainer": 8, "hook": 8,
-    "trl": 9,
-    "demo": 10,
-    "cli": 11,
+    "batch_loss": 7, "components": 7, "metrics": 7, "base_cache": 7,
+    "hook": 8, "precompute": 8,
+    "trainer": 9,
+    "trl": 10,
+    "demo": 11,
+    "cli": 12,
 }
 
 
