@@ -51,9 +51,11 @@ class CacheMismatch(Exception):
 
 
 def default_cache_dir() -> Path:
-    """`$KL_NONTARGET_CACHE`, else `~/.cache/kl_nontarget/base_hidden`."""
-    root = os.environ.get("KL_NONTARGET_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "kl_nontarget" / "base_hidden"
+    """`base_hidden` in the package's cache folder: `$KL_NONTARGET_CACHE`, else `$XDG_CACHE_HOME/kl-nontarget`, else
+    `~/.cache/kl-nontarget`."""
+    root = os.environ.get("KL_NONTARGET_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kl-nontarget")
+    return Path(root) / "base_hidden"
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -75,8 +75,8 @@ class RegularizerOptions:
             positions once before training, store them on disk and reuse them at every step, epoch and later run on
             the same model and data (trainers only, fused-linear path only; see `kl_nontarget.base_cache`). True
             refuses to train when the cache cannot apply; "auto" warns and runs the base pass at every step.
-        base_cache_dir: folder of those caches (default: `$KL_NONTARGET_CACHE`, else
-            `~/.cache/kl_nontarget/base_hidden`).
+        base_cache_dir: folder of those caches (default: `base_hidden` in `$KL_NONTARGET_CACHE`, else
+            in `~/.cache/kl-nontarget`).
 
     Raises TypeError/ValueError at construction for a bad value; numbers are stored as floats.
     """

@@ -262,7 +262,8 @@ class NonTargetKLTrainer(NonTargetKLMixin, Trainer):
             the base pass; later runs on the same model and data (more epochs, a kl_weight sweep) find the file and
             run no base pass at all. Needs the fused-linear path and a map-style dataset; True raises where the cache
             cannot apply, "auto" warns and runs the base pass at every step. See README, "Precomputing the base".
-        base_cache_dir: where the caches live (default `$KL_NONTARGET_CACHE` or ~/.cache/kl_nontarget/base_hidden).
+        base_cache_dir: where the caches live (default: `base_hidden` in `$KL_NONTARGET_CACHE`, else in
+            ~/.cache/kl-nontarget).
         options: all of the above but `ref_model` as one `kl_nontarget.options.RegularizerOptions` (then leave the
             keywords at their defaults); held as `trainer.options`.
     """

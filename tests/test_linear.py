@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from kl_nontarget.linear import default_chunk_size, nontarget_kl_linear_loss
+from kl_nontarget.linear import CPU_CHUNK_BYTES, default_chunk_size, nontarget_kl_linear_loss
 from kl_nontarget.loss import nontarget_kl_loss
 
 GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -187,7 +187,10 @@ def test_default_chunk_size_budget():
     cpu = torch.device("cpu")
     assert default_chunk_size(10, 32768, torch.float32, cpu) == 10
     rows = default_chunk_size(10**6, 32768, torch.float32, cpu)
-    assert rows * 32768 * 12 <= 64 * 2**20 and rows % 64 == 0
+    assert rows * 32768 * 12 <= CPU_CHUNK_BYTES and rows % 64 == 0
+    # even chunks: 508 rows of a 49152 vocabulary in two chunks of 256, not 448 + 60
+    assert default_chunk_size(508, 49152, torch.float32, cpu) == 256
+    assert default_chunk_size(600, 1000, torch.float32, cpu, budget_bytes=12000 * 200) == 192
     assert default_chunk_size(10**6, 10**9, torch.float32, cpu) == 1
     assert default_chunk_size(10**6, 1000, torch.bfloat16, cpu, budget_bytes=6000 * 64) == 64
     assert default_chunk_size(0, 1000, torch.float32, cpu) == 1
