@@ -44,30 +44,37 @@ def base_rows_counter(monkeypatch):
     return seen
 
 
-def train(model_dirs, tmp_path, data, *, name="run", kl_weight=0.7, **kwargs):
+TRAINING_ARGS = ("max_steps", "num_train_epochs", "eval_strategy", "eval_steps", "gradient_accumulation_steps",
+                 "per_device_train_batch_size")
+
+
+def train(model_dirs, tmp_path, data, *, name="run", kl_weight=0.7, eval_data=None, **kwargs):
     model = peft_model(model_dirs)
     options = dict(max_steps=3)
-    options.update({k: kwargs.pop(k) for k in list(kwargs) if k in ("max_steps", "num_train_epochs")})
+    options.update({k: kwargs.pop(k) for k in list(kwargs) if k in TRAINING_ARGS})
     trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path / name, **options), train_dataset=data,
-                                 data_collator=collate, kl_weight=kl_weight, **kwargs)
+                                 eval_dataset=eval_data, data_collator=collate, kl_weight=kl_weight, **kwargs)
     trainer.train()
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    losses = [log[key] for log in trainer.state.log_history for key in ("loss", "eval_loss") if key in log]
     return trainer, losses, trainable_state(model)
 
 
 def test_cached_training_equals_uncached(model_dirs, tmp_path, base_rows_counter):
-    data = toy_token_batches(12, seed=3)
-    _, plain_losses, plain_state = train(model_dirs, tmp_path, data, name="plain")
-    uncached_calls = base_rows_counter["calls"]
-    assert uncached_calls == 3  # one base pass per step
+    """With gradient accumulation (2 micro-batches of 2 per step) and an evaluation after every step."""
+    data, eval_data = toy_token_batches(12, seed=3), toy_token_batches(5, seed=8)
+    run = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2, eval_strategy="steps", eval_steps=1,
+               eval_data=eval_data)
+    _, plain_losses, plain_state = train(model_dirs, tmp_path, data, name="plain", **run)
+    assert base_rows_counter["calls"] == 3 * 2 + 3 * 2  # a base pass per micro-batch and per eval batch (4 + 1)
 
     base_rows_counter.update(rows=0, calls=0)
     trainer, losses, state = train(model_dirs, tmp_path, data, name="cached", precompute_base=True,
-                                   base_cache_dir=tmp_path / "cache")
+                                   base_cache_dir=tmp_path / "cache", **run)
     cache = trainer.base_precompute.caches["train"]
-    assert cache.computed and len(cache) == len(data)
-    # the data once (12 sequences), then the layout check (3 sequences), and nothing during the steps
-    assert base_rows_counter["rows"] == len(data) + 3
+    assert cache.computed and len(cache) == len(data) and len(trainer.base_precompute.caches["eval"]) == 5
+    # each dataset once, then the layout check (3 sequences each), and nothing during the steps and evaluations
+    assert base_rows_counter["rows"] == len(data) + 3 + len(eval_data) + 3
+    assert len(losses) == 6
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), atol=2e-5, rtol=1e-4)
     assert_same_state(state, plain_state, atol=2e-5)
     assert INDEX_KEY not in trainer.train_dataset[0]  # the run's keyed dataset is put back
