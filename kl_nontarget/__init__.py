@@ -11,12 +11,13 @@ Public API: `nontarget_kl_loss` / `NonTargetKLLoss` (logits in), `nontarget_kl_l
 from kl_nontarget.linear import nontarget_kl_linear_loss
 from kl_nontarget.loss import NonTargetKLLoss, nontarget_kl_loss
 
-__all__ = ["NonTargetKLLoss", "NonTargetKLSFTTrainer", "NonTargetKLTrainer", "nontarget_kl_linear_loss",
-           "nontarget_kl_loss", "nontarget_kl_loss_func"]
+__all__ = ["ForgettingCallback", "NonTargetKLLoss", "NonTargetKLSFTTrainer", "NonTargetKLTrainer",
+           "nontarget_kl_linear_loss", "nontarget_kl_loss", "nontarget_kl_loss_func"]
 __version__ = "0.1.0"
 
 # The trainers pull in transformers and TRL: import them only when asked for.
 _LAZY = {
+    "ForgettingCallback": "kl_nontarget.callbacks",
     "NonTargetKLTrainer": "kl_nontarget.trainer",
     "NonTargetKLSFTTrainer": "kl_nontarget.trl",
     "nontarget_kl_loss_func": "kl_nontarget.trl",
