@@ -2,15 +2,14 @@
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import Trainer
 
 from kl_nontarget import ForgettingCallback
 from kl_nontarget.metrics import forgetting_metrics
 from kl_nontarget.retention import batches, rows_from_data, sample_from_base
 
+import tiny_models
 from tiny_models import (
-    LORA_TARGETS,
     collate,
     perturb_trainable,
     sgd_args,
@@ -27,9 +26,8 @@ def tokenizer(tmp_path_factory):
 
 
 @pytest.fixture
-def peft_model(tmp_path):
-    torch.manual_seed(0)
-    return get_peft_model(tiny_llama(tmp_path / "base"), LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+def peft_model(model_dirs):
+    return tiny_models.peft_model(model_dirs, moved=False)
 
 
 def _trainer(model, tmp_path, callback, **overrides):
