@@ -33,7 +33,8 @@ added over the memory held at its start.
 Examples:
   python benchmarks/bench_step.py                          # GPU: Qwen2-0.5B shape, bf16
   python benchmarks/bench_step.py --device cpu --model tiny
-  python benchmarks/bench_step.py --device cpu --model smollm2 --seq 128 --threads 2 --impls plain,kl,kl_logits,kl_cached
+  python benchmarks/bench_step.py --device cpu --model smollm2 --seq 128 --threads 1 \
+      --impls plain,kl,kl_logits,kl_cached
 """
 
 from __future__ import annotations
@@ -251,7 +252,8 @@ def run_arm(harness, impl, args, tmpdir):
         cfg = SFTConfig(**common, max_length=args.seq + 1, packing=False)
         kw = dict(model=model, args=cfg, train_dataset=data, processing_class=build_tokenizer(vocab),
                   peft_config=lora_config(args.lora_r), callbacks=[meter.callback])
-        trainer = SFTTrainer(**kw) if impl == "plain" else NonTargetKLSFTTrainer(**kw, **arm_options(impl, args, tmpdir))
+        trainer = (SFTTrainer(**kw) if impl == "plain"
+                   else NonTargetKLSFTTrainer(**kw, **arm_options(impl, args, tmpdir)))
     else:
         from peft import get_peft_model
         from transformers import Trainer
