@@ -222,3 +222,32 @@ def test_sft_cached_equals_uncached(model_dirs, tmp_path, layout, base_rows_coun
     assert calls == batches + 1  # the data once, the layout check, and no base pass during the steps
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), atol=2e-5, rtol=1e-4)
     assert_same_state(state, plain_state, atol=2e-5)
+
+
+@pytest.mark.parametrize("setup", ["full_fine_tuning_ref_model", "gemma2_softcap"])
+def test_cached_equals_uncached_other_setups(model_dirs, tmp_path, setup, base_rows_counter):
+    """A separate frozen ref_model (the trained model's own weights all move), and a soft-capped head."""
+    import copy
+
+    from tiny_models import load_model, perturb_trainable
+
+    data = toy_token_batches(8, seed=6)
+    results = []
+    for cached in (False, True):
+        if setup == "gemma2_softcap":
+            model, extra = peft_model(model_dirs, "gemma2"), {}
+        else:
+            model = load_model(model_dirs)
+            extra = {"ref_model": copy.deepcopy(model)}
+            perturb_trainable(model, scale=0.02)
+        trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path / str(cached)), train_dataset=data,
+                                     data_collator=collate, kl_weight=0.7, precompute_base=cached,
+                                     base_cache_dir=tmp_path / "cache", **extra)
+        base_rows_counter.update(rows=0, calls=0)
+        trainer.train()
+        results.append(([log["loss"] for log in trainer.state.log_history if "loss" in log], trainable_state(model),
+                        base_rows_counter["rows"]))
+    (plain_losses, plain_state, plain_rows), (losses, state, rows) = results
+    assert plain_rows == 2 * 4 and rows == len(data) + 3
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), atol=2e-5, rtol=1e-4)
+    assert_same_state(state, plain_state, atol=2e-5)
