@@ -35,9 +35,11 @@ from kl_nontarget.plumbing import (
 )
 
 # Budget for one chunk's logits-sized blocks (adapted and base logits, their gradient, the soft-cap's tanh). On a CPU
-# every chunk's matmuls read the whole head and short matmuls run far below peak: with SmolLM2's head (49152 x 576),
-# 64-row chunks made the loss 1.7x slower than the logits path, 256-row chunks as fast (benchmarks/README.md).
-CPU_CHUNK_BYTES = 256 * 2**20
+# every chunk's matmuls read the whole head and short matmuls run below peak, the more so with several threads on a
+# busy machine: with SmolLM2's head (49152 x 576, 2 loaded threads) the loss took 1.50x the logits path's time at
+# 64-row chunks, 1.14x at 256. 128 MiB (176-row chunks there) is the compromise with memory; README, "The fused path
+# in the trainers".
+CPU_CHUNK_BYTES = 128 * 2**20
 CUDA_CHUNK_BYTES = 1 * 2**30
 
 
@@ -45,7 +47,7 @@ def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype, device: to
                        softcap: float | None = None, budget_bytes: int | None = None) -> int:
     """Tokens per chunk so that the chunk's logits-sized temporaries fit in `budget_bytes`.
 
-    The default budget is 256 MiB on CPU and, on CUDA, 1 GiB or a quarter of the free device memory, whichever is
+    The default budget is 128 MiB on CPU and, on CUDA, 1 GiB or a quarter of the free device memory, whichever is
     smaller. Per token the chunk holds the adapted and base logits and their gradient in `dtype`, plus a float32
     tanh when soft-capping.
     """
@@ -64,7 +66,7 @@ def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype, device: to
         # Chunks of even size: a small last chunk makes a slow matmul (every chunk reads the whole head).
         chunks = -(-num_rows // rows)
         even = -(-num_rows // chunks)
-        rows = min(rows, -(-even // 64) * 64) if rows >= 64 else even
+        rows = min(rows, -(-even // 8) * 8)
     return int(max(1, min(rows, num_rows)))
 
 

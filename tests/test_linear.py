@@ -188,9 +188,9 @@ def test_default_chunk_size_budget():
     assert default_chunk_size(10, 32768, torch.float32, cpu) == 10
     rows = default_chunk_size(10**6, 32768, torch.float32, cpu)
     assert rows * 32768 * 12 <= CPU_CHUNK_BYTES and rows % 64 == 0
-    # even chunks: 508 rows of a 49152 vocabulary in two chunks of 256, not 448 + 60
-    assert default_chunk_size(508, 49152, torch.float32, cpu) == 256
-    assert default_chunk_size(600, 1000, torch.float32, cpu, budget_bytes=12000 * 200) == 192
+    # even chunks (multiples of 8): 400 rows of a 49152 vocabulary in chunks of 136, not 192 + 192 + 16
+    assert default_chunk_size(400, 49152, torch.float32, cpu) == 136
+    assert default_chunk_size(600, 1000, torch.float32, cpu, budget_bytes=12000 * 200) == 152
     assert default_chunk_size(10**6, 10**9, torch.float32, cpu) == 1
     assert default_chunk_size(10**6, 1000, torch.bfloat16, cpu, budget_bytes=6000 * 64) == 64
     assert default_chunk_size(0, 1000, torch.float32, cpu) == 1
