@@ -130,7 +130,8 @@ def rows_from_data(data: Iterable, tokenizer=None, *, max_length: int = 512) -> 
     rows, fields = [], set()
     for example in data:
         if not isinstance(example, dict):
-            raise TypeError(f"retention examples must be dicts with 'text' or 'input_ids', got {type(example).__name__}")
+            raise TypeError("retention examples must be dicts with 'text' or 'input_ids', got "
+                            f"{type(example).__name__}")
         fields.update(example)
         if example.get("input_ids") is not None:
             ids = [int(t) for t in example["input_ids"]][:max_length]

@@ -3,13 +3,22 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import LORA_TARGETS, collate, perturb_trainable, sgd_args, tiny_llama, tiny_tokenizer, toy_texts, \
-    toy_token_batches
 from transformers import Trainer
 
 from kl_nontarget import ForgettingCallback
 from kl_nontarget.metrics import forgetting_metrics
 from kl_nontarget.retention import batches, rows_from_data, sample_from_base
+
+from tiny_models import (
+    LORA_TARGETS,
+    collate,
+    perturb_trainable,
+    sgd_args,
+    tiny_llama,
+    tiny_tokenizer,
+    toy_texts,
+    toy_token_batches,
+)
 
 
 @pytest.fixture(scope="module")
