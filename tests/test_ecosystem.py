@@ -1,0 +1,309 @@
+"""The trainers and the hook alongside the rest of the ecosystem: Liger-Kernel, continuing from an adapter
+(`ref_adapter_name`), a reference model given by path, MoE router losses, component logging, SFT loss types and
+`torch.compile`. Tiny models, a step or two each."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import Trainer
+
+from kl_nontarget import snapshot_adapter
+from kl_nontarget.ref_adapter import TrainedAdapterWarning, adapter_parameters
+from kl_nontarget.trainer import NonTargetKLTrainer
+from kl_nontarget.trl import nontarget_kl_loss_func
+
+from tiny_models import (
+    collate,
+    independent_loss,
+    load_model,
+    lora_config,
+    peft_model,
+    sgd_args,
+    toy_token_batches,
+    trainable_state,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DATA = toy_token_batches(8, seed=11)
+
+
+def _loss_and_grads(trainer, model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _assert_same_grads(a, b, rtol=1e-5, atol=1e-7):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
+
+
+# -- Liger-Kernel ---------------------------------------------------------------------------------------------------
+
+LIGER_OFF = {"rope": False, "rms_norm": False, "swiglu": False}
+
+
+def _liger_patch(model):
+    """Patch the transformers model inside `model` with Liger's fused-loss forward (what use_liger_kernel does)."""
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    from kl_nontarget.base_model import patched_forward, transformers_model
+
+    _apply_liger_kernel_to_instance(model=transformers_model(model), fused_linear_cross_entropy=True, **LIGER_OFF)
+    assert patched_forward(model) is not None  # the instance forward is Liger's now
+
+
+def test_liger_config_turns_off_fused_cross_entropy_and_trains(model_dirs, tmp_path):
+    pytest.importorskip("liger_kernel")
+    model = peft_model(model_dirs)
+    # Liger's layer kernels stay off here: its RMSNorm kernel fails under Triton's CPU interpreter (liger 0.8.5).
+    config = {**LIGER_OFF, "fused_linear_cross_entropy": True}
+    args = sgd_args(tmp_path, use_liger_kernel=True, liger_kernel_config=config)
+    with pytest.warns(UserWarning, match="fused_linear_cross_entropy"):
+        trainer = NonTargetKLTrainer(model=model, args=args, train_dataset=DATA, eval_dataset=DATA[:4])
+    assert args.liger_kernel_config == {**config, "fused_linear_cross_entropy": False}
+    trainer.train()
+    from kl_nontarget.base_model import patched_forward
+
+    assert patched_forward(model) is None  # Liger was applied without its fused-loss forward
+    metrics = trainer.evaluate()
+    logs = [h for h in trainer.state.log_history if "ce_loss" in h]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    assert metrics["eval_nontarget_kl"] > 0
+
+
+def test_liger_patched_forward_takes_the_logits_path(model_dirs, tmp_path):
+    # A forward Liger patched anyway (by hand, or under the hook): no boolean logits_to_keep, no skip_logits.
+    model = peft_model(model_dirs, dtype=torch.float64)
+    batch = collate(DATA[:4])
+    expected = independent_loss(model, batch)[0].detach()
+    _liger_patch(model)
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), eval_dataset=DATA[:4])
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)).detach(), expected, rtol=1e-10, atol=1e-12)
+    # Loss-only evaluation: the Trainer adds skip_logits=True for Liger.
+    model.eval()
+    loss, _, _ = trainer.prediction_step(model, {**batch, "skip_logits": True}, prediction_loss_only=True)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_liger_with_the_hook_under_a_plain_trainer(model_dirs, tmp_path):
+    pytest.importorskip("liger_kernel")
+    model = peft_model(model_dirs)
+    loss_func = nontarget_kl_loss_func(model)
+    args = sgd_args(tmp_path, use_liger_kernel=True,
+                    liger_kernel_config={**LIGER_OFF, "fused_linear_cross_entropy": True})
+    trainer = Trainer(model=model, args=args, train_dataset=DATA, eval_dataset=DATA[:4], compute_loss_func=loss_func)
+    trainer.train()  # Trainer patches Liger's fused-loss forward in here
+    from kl_nontarget.base_model import patched_forward
+
+    assert patched_forward(model) is not None
+    metrics = trainer.evaluate()  # loss-only evaluation: skip_logits is dropped for the unlabelled forward
+    assert metrics["eval_nontarget_kl"] > 0 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    loss_func.remove()
+
+
+# -- continuing from an adapter --------------------------------------------------------------------------------------
+
+
+def test_trained_adapter_warns_and_snapshot_is_the_reference(model_dirs, tmp_path):
+    model = peft_model(model_dirs, dtype=torch.float64)  # adapter already moved away from zero
+    with pytest.warns(TrainedAdapterWarning, match="snapshot_adapter"):
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
+    start = copy.deepcopy(model)  # the model as it starts, for an independent reference
+    before = trainable_state(model)
+    name = snapshot_adapter(model)
+    assert name == "reference" and model.active_adapter == "default"
+    assert trainable_state(model).keys() == before.keys()  # the copy is frozen, the trained adapter unchanged
+    ref_params = dict(adapter_parameters(model, name))
+    assert ref_params and not any(p.requires_grad for p in ref_params.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainedAdapterWarning)
+        trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, max_steps=2), train_dataset=DATA,
+                                     ref_adapter_name=name)
+    batch = collate(DATA[:4])
+    loss = trainer.compute_loss(model, dict(batch))
+    ce_only = independent_loss(model, batch, kl_weight=0.0)[0].detach()
+    torch.testing.assert_close(loss.detach(), ce_only, rtol=1e-10, atol=1e-12)  # KL exactly 0 at the start
+    frozen = {n: p.detach().clone() for n, p in ref_params.items()}
+    trainer.train()
+    after = trainable_state(model)
+    assert any(not torch.equal(after[n], before[n]) for n in before)  # the trained adapter moved...
+    for n, p in adapter_parameters(model, name):  # ...the reference did not, and stays frozen
+        assert torch.equal(p, frozen[n]) and not p.requires_grad
+    assert model.active_adapter == "default" and trainable_state(model).keys() == before.keys()
+    # The reference pass is the model as it started: compare with an independent float64 computation.
+    expected = independent_loss(model, batch, ref_model=_enabled(start))[0].detach()
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)).detach(), expected, rtol=1e-10, atol=1e-12)
+
+
+def _enabled(peft):
+    """A PeftModel as a plain callable reference (adapters on, frozen)."""
+    peft.requires_grad_(False)
+    peft.eval()
+    return peft
+
+
+def test_ref_adapter_through_the_hook_equals_the_trainer(model_dirs, tmp_path):
+    model = peft_model(model_dirs, dtype=torch.float64)
+    start = _enabled(copy.deepcopy(model))
+    snapshot_adapter(model, "start")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(1.5)  # the trained adapter moves on
+    batch = collate(DATA[:4])
+    expected = independent_loss(model, batch, ref_model=start)[0].detach()
+    loss_func = nontarget_kl_loss_func(model, ref_adapter_name="start")
+    outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+    torch.testing.assert_close(loss_func(outputs, batch["labels"]).detach(), expected, rtol=1e-10, atol=1e-12)
+    loss_func.remove()
+
+
+def test_bad_ref_adapter_names_are_refused(model_dirs, tmp_path):
+    model = peft_model(model_dirs, moved=False)
+    with pytest.raises(ValueError, match="not an adapter"):
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_adapter_name="missing")
+    with pytest.raises(ValueError, match="being trained"):
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_adapter_name="default")
+    snapshot_adapter(model, "ref")
+    with pytest.raises(ValueError, match="not both"):
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_adapter_name="ref",
+                           ref_model=load_model(model_dirs))
+    with pytest.raises(ValueError, match="already has an adapter"):
+        snapshot_adapter(model, "ref")
+    with pytest.raises(ValueError, match="PeftModel"):
+        snapshot_adapter(load_model(model_dirs))
+
+
+# -- ref_model as a path ----------------------------------------------------------------------------------------------
+
+
+def test_ref_model_by_path_is_loaded_like_the_model(model_dirs, tmp_path):
+    path = str(model_dirs / "llama")
+    model = load_model(model_dirs, dtype=torch.float64)
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_model=path)
+    ref = trainer.ref_model
+    assert ref.dtype == torch.float64 and not any(p.requires_grad for p in ref.parameters()) and not ref.training
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    batch = collate(DATA[:4])
+    expected = independent_loss(model, batch, ref_model=load_model(model_dirs, dtype=torch.float64))[0].detach()
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)).detach(), expected, rtol=1e-10, atol=1e-12)
+    chosen = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_model=path,
+                                ref_model_init_kwargs={"dtype": torch.float32})
+    assert chosen.ref_model.dtype == torch.float32
+    with pytest.raises(ValueError, match="ref_model_init_kwargs"):
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_model=load_model(model_dirs),
+                           ref_model_init_kwargs={"dtype": torch.float32})
+
+
+# -- MoE router loss -----------------------------------------------------------------------------------------------
+
+
+def _tiny_mixtral(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=True, router_aux_loss_coef=0.5, max_position_embeddings=64,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return get_peft_model(MixtralForCausalLM(config), lora_config(target_modules=["q_proj", "v_proj"]))
+
+
+def test_moe_router_loss_is_added_like_the_parent_trainer(tmp_path):
+    model = _tiny_mixtral(tmp_path)
+    batch = collate(DATA[:4])
+    plain = Trainer(model=model, args=sgd_args(tmp_path))
+    ours = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), kl_weight=0.0)
+    expected, expected_grads = _loss_and_grads(plain, model, batch)
+    with torch.no_grad():
+        aux = model(**{k: v for k, v in batch.items() if k != "labels"}).aux_loss
+    assert aux > 0  # the router loss matters in this comparison
+    loss, grads = _loss_and_grads(ours, model, batch)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(grads, expected_grads)
+    # The hook under a plain Trainer adds it too.
+    loss_func = nontarget_kl_loss_func(model, kl_weight=0.0)
+    hooked = Trainer(model=model, args=sgd_args(tmp_path), compute_loss_func=loss_func)
+    loss, grads = _loss_and_grads(hooked, model, batch)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(grads, expected_grads)
+    loss_func.remove()
+
+
+# -- logging ----------------------------------------------------------------------------------------------------------
+
+
+def test_hook_logs_components_like_the_trainer(model_dirs, tmp_path):
+    runs = {}
+    for kind in ("trainer", "hook"):
+        model = peft_model(model_dirs)
+        args = sgd_args(tmp_path / kind, max_steps=2)
+        if kind == "trainer":
+            trainer = NonTargetKLTrainer(model=model, args=args, train_dataset=DATA, eval_dataset=DATA[:4])
+        else:
+            loss_func = nontarget_kl_loss_func(model)
+            trainer = Trainer(model=model, args=args, train_dataset=DATA, eval_dataset=DATA[:4],
+                              compute_loss_func=loss_func)
+        trainer.train()
+        metrics = trainer.evaluate()
+        runs[kind] = ([h for h in trainer.state.log_history if "ce_loss" in h], metrics)
+        if kind == "hook":
+            loss_func.remove()
+            assert "log" not in trainer.__dict__ and "evaluation_loop" not in trainer.__dict__
+    (train_logs, metrics), (hook_logs, hook_metrics) = runs["trainer"], runs["hook"]
+    assert len(hook_logs) == len(train_logs) == 2
+    for a, b in zip(hook_logs, train_logs):
+        for key in ("loss", "ce_loss", "nontarget_kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    for key in ("eval_loss", "eval_ce_loss", "eval_nontarget_kl"):
+        assert hook_metrics[key] == pytest.approx(metrics[key], rel=1e-4), key
+
+
+def test_subclass_logs_its_term_under_its_own_name(model_dirs, tmp_path):
+    class Named(NonTargetKLTrainer):
+        regularizer_log_name = "full_kl"
+
+        def compute_regularized_loss(self, logits, ref_logits, labels, num_items_in_batch):
+            return super().compute_regularized_loss(logits, ref_logits, labels, num_items_in_batch)
+
+    class Unnamed(Named):
+        regularizer_log_name = None
+
+    for cls, name in ((Named, "full_kl"), (Unnamed, "regularizer")):
+        trainer = cls(model=peft_model(model_dirs), args=sgd_args(tmp_path, max_steps=1), train_dataset=DATA,
+                      eval_dataset=DATA[:4])
+        trainer.train()
+        logged = trainer.state.log_history[0]
+        assert name in logged and "nontarget_kl" not in logged
+        metrics = trainer.evaluate()
+        assert f"eval_{name}" in metrics and "eval_nontarget_kl" not in metrics
+
+
+# -- torch.compile ----------------------------------------------------------------------------------------------------
+
+
+def test_compiled_model_trains_on_the_logits_path_and_the_hook_refuses_it(model_dirs, tmp_path):
+    model = peft_model(model_dirs, dtype=torch.float64)
+    batch = collate(DATA[:4])
+    expected, expected_grads = _loss_and_grads(NonTargetKLTrainer(model=model, args=sgd_args(tmp_path)), model,
+                                               batch)
+    compiled = torch.compile(model, backend="eager")
+    trainer = NonTargetKLTrainer(model=compiled, args=sgd_args(tmp_path), train_dataset=DATA)
+    loss, grads = _loss_and_grads(trainer, compiled, batch)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    _assert_same_grads({n.removeprefix("_orig_mod."): g for n, g in grads.items()}, expected_grads, rtol=1e-9,
+                       atol=1e-12)
+    with pytest.raises(ValueError, match="torch.compile"):
+        nontarget_kl_loss_func(compiled)
