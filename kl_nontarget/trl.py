@@ -94,7 +94,9 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
         if isinstance(metrics, dict):
             mode = "train" if self.model.training else "eval"
             metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
-        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        steps = 1
+        if num_items_in_batch is not None:
+            steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         return loss + self.router_aux_loss_coef * aux.to(loss.device) / steps
 
     def _after_loss(self, batch, inputs, model):

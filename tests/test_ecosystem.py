@@ -307,3 +307,99 @@ def test_compiled_model_trains_on_the_logits_path_and_the_hook_refuses_it(model_
                        atol=1e-12)
     with pytest.raises(ValueError, match="torch.compile"):
         nontarget_kl_loss_func(compiled)
+
+
+# -- TRL: Liger, MoE, loss types --------------------------------------------------------------------------------------
+
+
+def _sft_parts(model_dirs, tmp_path, **overrides):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from tiny_models import tiny_tokenizer, toy_prompt_completions
+
+    kwargs = dict(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.5,
+                  optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
+                  save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True, max_length=64)
+    kwargs.update(overrides)
+    return dict(args=SFTConfig(**kwargs), train_dataset=Dataset.from_list(toy_prompt_completions(8, seed=5)),
+                processing_class=tiny_tokenizer(model_dirs / "tokenizer"))
+
+
+def test_sft_subclass_with_liger_and_loss_types(model_dirs, tmp_path):
+    pytest.importorskip("liger_kernel")
+    from trl import SFTTrainer
+
+    from kl_nontarget.trl import NonTargetKLSFTTrainer
+
+    parts = _sft_parts(model_dirs, tmp_path, use_liger_kernel=True,
+                       liger_kernel_config={**LIGER_OFF, "fused_linear_cross_entropy": True})
+    with pytest.warns(UserWarning, match="fused_linear_cross_entropy"):
+        trainer = NonTargetKLSFTTrainer(model=peft_model(model_dirs), **parts)
+    trainer.train()
+    assert "nontarget_kl" in trainer.state.log_history[0]
+    with pytest.raises(ValueError, match="supported: 'nll'"):
+        NonTargetKLSFTTrainer(model=peft_model(model_dirs), **_sft_parts(model_dirs, tmp_path, loss_type="dft"))
+    # The hook with DFT: SFTTrainer itself refuses a compute_loss_func with loss_type="dft".
+    model = peft_model(model_dirs)
+    loss_func = nontarget_kl_loss_func(model)
+    with pytest.raises(ValueError, match="dft"):
+        SFTTrainer(model=model, compute_loss_func=loss_func, **_sft_parts(model_dirs, tmp_path, loss_type="dft"))
+    loss_func.remove()
+
+
+def test_sft_subclass_adds_the_router_loss_like_sft_trainer(model_dirs, tmp_path):
+    from trl import SFTTrainer
+
+    from kl_nontarget.trl import NonTargetKLSFTTrainer
+
+    model = _tiny_mixtral(tmp_path)
+    plain = SFTTrainer(model=copy.deepcopy(model), **_sft_parts(model_dirs, tmp_path))
+    ours = NonTargetKLSFTTrainer(model=copy.deepcopy(model), kl_weight=0.0, **_sft_parts(model_dirs, tmp_path))
+    batch = next(iter(plain.get_train_dataloader()))
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    losses = []
+    for trainer in (plain, ours):
+        trainer.current_gradient_accumulation_steps = 1  # set by train() for each step
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(n))
+        loss.backward()
+        grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.requires_grad}
+        losses.append((loss.detach(), grads))
+    assert ours._metrics["train"]["aux_loss"][-1] > 0
+    torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-5, atol=1e-6)
+    _assert_same_grads(losses[1][1], losses[0][1])
+
+
+# -- QLoRA ------------------------------------------------------------------------------------------------------------
+
+
+def test_qlora_4bit_base_fused_and_logits_paths(model_dirs, tmp_path):
+    # bitsandbytes' CPU backend runs 4-bit (NF4) layers; the LM head stays a plain linear, so the fused path applies.
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32)
+    from tiny_models import tiny_llama
+
+    tiny_llama(tmp_path / "llama64", hidden_size=64)  # bitsandbytes' CPU layout needs 64-wide blocks
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "llama64", quantization_config=quantization,
+                                                device_map="cpu")
+    assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    torch.manual_seed(0)
+    model = get_peft_model(base, lora_config())
+    from tiny_models import perturb_trainable
+
+    perturb_trainable(model, scale=0.1)
+    batch = collate(DATA[:4])
+    expected = independent_loss(model, batch)[0].detach()
+    results = {}
+    for fused in (True, False):
+        trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), fused_linear=fused)
+        results[fused] = _loss_and_grads(trainer, model, batch)
+        torch.testing.assert_close(results[fused][0].double(), expected, rtol=1e-4, atol=1e-5)
+    _assert_same_grads(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, max_steps=1), train_dataset=DATA)
+    trainer.train()
+    assert trainer.state.log_history[0]["nontarget_kl"] > 0
