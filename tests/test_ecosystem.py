@@ -207,6 +207,17 @@ def test_ref_model_by_path_is_loaded_like_the_model(model_dirs, tmp_path):
                            ref_model_init_kwargs={"dtype": torch.float32})
 
 
+def test_prepared_ref_model_keeps_the_fused_path_under_mixed_precision(model_dirs, tmp_path):
+    # accelerate's prepare_model wraps the reference's forward in autocast: not a patch that changes the logits.
+    from kl_nontarget.base_model import patched_forward
+
+    model = load_model(model_dirs)
+    trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, bf16=True), ref_model=load_model(model_dirs),
+                                 fused_linear=True)
+    assert "_original_forward" in trainer.ref_model.__dict__ and patched_forward(trainer.ref_model) is None
+    assert trainer._fused_heads(model, needs_logits=False) is not None
+
+
 # -- MoE router loss -----------------------------------------------------------------------------------------------
 
 
@@ -294,8 +305,12 @@ def test_subclass_logs_its_term_under_its_own_name(model_dirs, tmp_path):
 # -- torch.compile ----------------------------------------------------------------------------------------------------
 
 
-def test_compiled_model_trains_on_the_logits_path_and_the_hook_refuses_it(model_dirs, tmp_path):
-    model = peft_model(model_dirs, dtype=torch.float64)
+def test_compiled_model_equals_uncompiled_and_the_hook_refuses_it(model_dirs, tmp_path):
+    from tiny_models import perturb_trainable, tiny_llama
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(num_layers=1).double(), lora_config())  # one layer: less for dynamo to trace
+    perturb_trainable(model)
     batch = collate(DATA[:4])
     expected, expected_grads = _loss_and_grads(NonTargetKLTrainer(model=model, args=sgd_args(tmp_path)), model,
                                                batch)
