@@ -202,6 +202,11 @@ def test_ref_model_by_path_is_loaded_like_the_model(model_dirs, tmp_path):
     chosen = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_model=path,
                                 ref_model_init_kwargs={"dtype": torch.float32})
     assert chosen.ref_model.dtype == torch.float32
+    loss_func = nontarget_kl_loss_func(model, ref_model=path)  # the hook loads a path the same way
+    assert loss_func.ref_model.dtype == torch.float64 and not loss_func.ref_model.training
+    outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+    torch.testing.assert_close(loss_func(outputs, batch["labels"]).detach(), expected, rtol=1e-10, atol=1e-12)
+    loss_func.remove()
     with pytest.raises(ValueError, match="ref_model_init_kwargs"):
         NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_model=load_model(model_dirs),
                            ref_model_init_kwargs={"dtype": torch.float32})
@@ -221,19 +226,27 @@ def test_prepared_ref_model_keeps_the_fused_path_under_mixed_precision(model_dir
 # -- MoE router loss -----------------------------------------------------------------------------------------------
 
 
-def _tiny_mixtral(tmp_path):
-    from transformers import MixtralConfig, MixtralForCausalLM
+def _tiny_moe(arch="mixtral"):
+    """A tiny Mixtral or Qwen2-MoE with LoRA, returning its router loss (coefficient 0.5)."""
+    import transformers
 
-    config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           output_router_logits=True, router_aux_loss_coef=0.5, max_position_embeddings=64,
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5,
+                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, **common)
+        cls = transformers.MixtralForCausalLM
+    else:
+        config = transformers.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=24,
+                                             shared_expert_intermediate_size=24, num_experts=4, **common)
+        cls = transformers.Qwen2MoeForCausalLM
     torch.manual_seed(0)
-    return get_peft_model(MixtralForCausalLM(config), lora_config(target_modules=["q_proj", "v_proj"]))
+    return get_peft_model(cls(config), lora_config(target_modules=["q_proj", "v_proj"]))
 
 
-def test_moe_router_loss_is_added_like_the_parent_trainer(tmp_path):
-    model = _tiny_mixtral(tmp_path)
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_router_loss_is_added_like_the_parent_trainer(tmp_path, arch):
+    model = _tiny_moe(arch)
     batch = collate(DATA[:4])
     plain = Trainer(model=model, args=sgd_args(tmp_path))
     ours = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), kl_weight=0.0)
@@ -368,7 +381,7 @@ def test_sft_subclass_adds_the_router_loss_like_sft_trainer(model_dirs, tmp_path
 
     from kl_nontarget.trl import NonTargetKLSFTTrainer
 
-    model = _tiny_mixtral(tmp_path)
+    model = _tiny_moe()
     plain = SFTTrainer(model=copy.deepcopy(model), **_sft_parts(model_dirs, tmp_path))
     ours = NonTargetKLSFTTrainer(model=copy.deepcopy(model), kl_weight=0.0, **_sft_parts(model_dirs, tmp_path))
     batch = next(iter(plain.get_train_dataloader()))
