@@ -42,8 +42,8 @@ LEVELS = {
     "lm_head": 5, "ref_adapter": 5, "integrations": 5,
     "batch": 6,
     "batch_loss": 7, "components": 7, "metrics": 7,
-    "trainer": 8, "hook": 8,
-    "trl": 9,
+    "trainer": 8, "hook": 8, "retention": 8,
+    "trl": 9, "callbacks": 9,
     "demo": 10,
     "cli": 11,
 }
