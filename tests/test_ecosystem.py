@@ -363,9 +363,10 @@ def test_sft_subclass_with_liger_and_loss_types(model_dirs, tmp_path):
     parts = _sft_parts(model_dirs, tmp_path, use_liger_kernel=True,
                        liger_kernel_config={**LIGER_OFF, "fused_linear_cross_entropy": True})
     with pytest.warns(UserWarning, match="fused_linear_cross_entropy"):
-        trainer = NonTargetKLSFTTrainer(model=peft_model(model_dirs), **parts)
+        trainer = NonTargetKLSFTTrainer(model=peft_model(model_dirs), eval_dataset=parts["train_dataset"], **parts)
     trainer.train()
     assert "nontarget_kl" in trainer.state.log_history[0]
+    assert trainer.evaluate()["eval_nontarget_kl"] > 0
     with pytest.raises(ValueError, match="supported: 'nll'"):
         NonTargetKLSFTTrainer(model=peft_model(model_dirs), **_sft_parts(model_dirs, tmp_path, loss_type="dft"))
     # The hook with DFT: SFTTrainer itself refuses a compute_loss_func with loss_type="dft".
