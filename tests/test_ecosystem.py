@@ -385,10 +385,14 @@ def test_sft_subclass_adds_the_router_loss_like_sft_trainer(model_dirs, tmp_path
     model = _tiny_moe()
     plain = SFTTrainer(model=copy.deepcopy(model), **_sft_parts(model_dirs, tmp_path))
     ours = NonTargetKLSFTTrainer(model=copy.deepcopy(model), kl_weight=0.0, **_sft_parts(model_dirs, tmp_path))
+    hooked_model = copy.deepcopy(model)
+    loss_func = nontarget_kl_loss_func(hooked_model, kl_weight=0.0)
+    with pytest.warns(FutureWarning):  # TRL 1.16 deprecates compute_loss_func
+        hooked = SFTTrainer(model=hooked_model, compute_loss_func=loss_func, **_sft_parts(model_dirs, tmp_path))
     batch = next(iter(plain.get_train_dataloader()))
     n = int((batch["labels"][:, 1:] != -100).sum())
     losses = []
-    for trainer in (plain, ours):
+    for trainer in (plain, ours, hooked):
         trainer.current_gradient_accumulation_steps = 1  # set by train() for each step
         trainer.model.train()
         loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(n))
@@ -396,8 +400,10 @@ def test_sft_subclass_adds_the_router_loss_like_sft_trainer(model_dirs, tmp_path
         grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.requires_grad}
         losses.append((loss.detach(), grads))
     assert ours._metrics["train"]["aux_loss"][-1] > 0
-    torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-5, atol=1e-6)
-    _assert_same_grads(losses[1][1], losses[0][1])
+    for loss, grads in losses[1:]:
+        torch.testing.assert_close(loss, losses[0][0], rtol=1e-5, atol=1e-6)
+        _assert_same_grads(grads, losses[0][1])
+    loss_func.remove()
 
 
 # -- QLoRA ------------------------------------------------------------------------------------------------------------
