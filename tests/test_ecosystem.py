@@ -16,6 +16,7 @@ from kl_nontarget.trainer import NonTargetKLTrainer
 from kl_nontarget.trl import nontarget_kl_loss_func
 
 from tiny_models import (
+    assert_same_state,
     collate,
     independent_loss,
     load_model,
@@ -318,23 +319,29 @@ def test_subclass_logs_its_term_under_its_own_name(model_dirs, tmp_path):
 # -- torch.compile ----------------------------------------------------------------------------------------------------
 
 
-def test_compiled_model_equals_uncompiled_and_the_hook_refuses_it(model_dirs, tmp_path):
+def test_compiled_model_trains_like_the_uncompiled_one_and_the_hook_refuses_it(model_dirs, tmp_path):
     from tiny_models import perturb_trainable, tiny_llama
 
-    torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(num_layers=1).double(), lora_config())  # one layer: less for dynamo to trace
-    perturb_trainable(model)
-    batch = collate(DATA[:4])
-    expected, expected_grads = _loss_and_grads(NonTargetKLTrainer(model=model, args=sgd_args(tmp_path)), model,
-                                               batch)
-    compiled = torch.compile(model, backend="eager")
-    trainer = NonTargetKLTrainer(model=compiled, args=sgd_args(tmp_path), train_dataset=DATA)
-    loss, grads = _loss_and_grads(trainer, compiled, batch)
-    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
-    _assert_same_grads({n.removeprefix("_orig_mod."): g for n, g in grads.items()}, expected_grads, rtol=1e-9,
-                       atol=1e-12)
-    with pytest.raises(ValueError, match="torch.compile"):
-        nontarget_kl_loss_func(compiled)
+    def run(compile_):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(num_layers=1), lora_config())  # one layer: less for dynamo to trace
+        perturb_trainable(model)
+        args = sgd_args(tmp_path / str(compile_), max_steps=1, torch_compile=compile_,
+                        torch_compile_backend="eager" if compile_ else None)
+        trainer = NonTargetKLTrainer(model=model, args=args, train_dataset=DATA)
+        trainer.train()
+        if compile_:  # the Trainer did compile it
+            assert is_compiled(trainer.model_wrapped)
+            with pytest.raises(ValueError, match="torch.compile"):
+                nontarget_kl_loss_func(trainer.model_wrapped)
+        return trainable_state(model), trainer.state.log_history[0]
+
+    from kl_nontarget.base_model import is_compiled
+
+    (state, log), (compiled_state, compiled_log) = run(False), run(True)
+    assert compiled_log["nontarget_kl"] == pytest.approx(log["nontarget_kl"], rel=1e-5) and log["nontarget_kl"] > 0
+    assert compiled_log["loss"] == pytest.approx(log["loss"], rel=1e-5)
+    assert_same_state(compiled_state, state, atol=1e-5)
 
 
 # -- TRL: Liger, MoE, loss types --------------------------------------------------------------------------------------
