@@ -15,7 +15,7 @@ hands them to its head (a pre-hook on the head), so every wrapper and TRL's patc
 
 from __future__ import annotations
 
-import warnings
+import os
 
 import torch
 import trl
@@ -24,6 +24,7 @@ from torch import nn
 from kl_nontarget.base_model import is_peft_model, is_trl_fused_forward, unwrap_model
 from kl_nontarget.batch import BatchHidden, head_tensors
 from kl_nontarget.hook import NonTargetKLLossFunc, nontarget_kl_loss_func
+from kl_nontarget.integrations import check_sft_loss_type, liger_without_fused_loss, trainer_args
 from kl_nontarget.linear import default_chunk_size
 from kl_nontarget.options import RegularizerOptions, options_from
 from kl_nontarget.trainer import NonTargetKLMixin
@@ -49,31 +50,55 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
 
     Logs `ce_loss` and `nontarget_kl` next to SFT's `entropy`, `mean_token_accuracy` and `num_tokens` (on the
     fused-linear path the last two are computed from the hidden states in chunks). Only the "nll" loss type is
-    supported; the MoE router auxiliary loss is not added.
+    supported (`loss_type="dft"` is refused). MoE models add `router_aux_loss_coef * aux_loss` of the adapted pass as
+    SFTTrainer does (and log `aux_loss`). A `ref_model` given by name is loaded with `ref_model_init_kwargs`, by
+    default the config's `model_init_kwargs`.
     """
 
     def __init__(self, *args, kl_weight: float = 1.0, temperature: float = 1.0, kl_direction: str = "forward",
                  ref_model=None, fused_linear="auto", kl_target: float | None = None,
-                 options: RegularizerOptions | None = None, **kwargs):
+                 options: RegularizerOptions | None = None, ref_adapter_name: str | None = None,
+                 ref_model_init_kwargs: dict | None = None, **kwargs):
         options = options_from(options, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
                                fused_linear=fused_linear, kl_target=kl_target)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("NonTargetKLSFTTrainer computes its own loss; do not pass compute_loss_func (use "
                              "trl.SFTTrainer with compute_loss_func=nontarget_kl_loss_func(...) for the hook form)")
+        training_args = trainer_args(args, kwargs)
+        if training_args is not None:
+            check_sft_loss_type(getattr(training_args, "loss_type", "nll"))
+        liger_without_fused_loss(training_args, type(self).__name__)
         super().__init__(*args, **kwargs)
-        if getattr(self.args, "loss_type", "nll") != "nll":
-            raise ValueError(f"NonTargetKLSFTTrainer supports loss_type='nll' only, got {self.args.loss_type!r}")
+        check_sft_loss_type(getattr(self.args, "loss_type", "nll"))
         if getattr(self.args, "label_smoothing_factor", 0) > 0:
             raise ValueError("NonTargetKLSFTTrainer does not support label_smoothing_factor > 0")
-        if getattr(self, "aux_loss_enabled", False):
-            warnings.warn("NonTargetKLSFTTrainer does not add the MoE router auxiliary loss", UserWarning,
-                          stacklevel=2)
         _remove_fused_lm_head(self.model)
-        self._init_nontarget_kl(options, ref_model)
+        if isinstance(ref_model, (str, os.PathLike)) and ref_model_init_kwargs is None:
+            ref_model_init_kwargs = dict(getattr(self.args, "model_init_kwargs", None) or {})
+        self._init_nontarget_kl(options, ref_model, ref_adapter_name=ref_adapter_name,
+                                ref_model_init_kwargs=ref_model_init_kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        if getattr(self, "aux_loss_enabled", False):
+            # As SFTTrainer: ask the MoE model for its router logits, so that it returns `aux_loss`.
+            inputs = {**inputs, "output_router_logits": True}
         return NonTargetKLMixin.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                              num_items_in_batch=num_items_in_batch)
+
+    def _add_router_aux_loss(self, loss, outputs, scale, num_items_in_batch):
+        """SFTTrainer's rule: `router_aux_loss_coef * aux_loss` of the adapted pass, outside the data-parallel factor
+        and averaged over the accumulation steps when the loss is normalised by `num_items_in_batch`."""
+        aux = getattr(outputs, "aux_loss", None) if outputs is not None else None
+        if not getattr(self, "aux_loss_enabled", False) or aux is None:
+            return loss
+        metrics = getattr(self, "_metrics", None)
+        if isinstance(metrics, dict):
+            mode = "train" if self.model.training else "eval"
+            metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
+        steps = 1
+        if num_items_in_batch is not None:
+            steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        return loss + self.router_aux_loss_coef * aux.to(loss.device) / steps
 
     def _after_loss(self, batch, inputs, model):
         metrics = getattr(self, "_metrics", None)

@@ -39,7 +39,7 @@ LEVELS = {
     "plumbing": 2,
     "loss": 3, "linear": 3,
     "base_model": 4, "batching": 4,
-    "lm_head": 5,
+    "lm_head": 5, "ref_adapter": 5, "integrations": 5,
     "batch": 6,
     "batch_loss": 7, "components": 7, "metrics": 7, "adaptive": 7,
     "trainer": 8, "hook": 8, "retention": 8,

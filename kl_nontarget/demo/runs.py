@@ -31,6 +31,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class FullKLTrainer(NonTargetKLTrainer):
     """CE + kl_weight * T^2 * KL(base || adapted) over the whole vocabulary (the baseline regularizer)."""
 
+    regularizer_log_name = "full_kl"  # logged as full_kl / eval_full_kl, not as nontarget_kl
+
     def compute_regularized_loss(self, logits, ref_logits, labels, num_items_in_batch):
         valid = labels != -100
         z, b, y = logits[valid].float(), ref_logits[valid].float(), labels[valid]
