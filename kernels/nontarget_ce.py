@@ -180,7 +180,8 @@ def nontarget_ce_kernel(
                 g_gold = -(s_z1 * tl.exp(m_z - big) / s_all)
                 c = kl_weight * temp  # d(T^2 KL_T)/dz = T * dKL_T/dz_T
                 ms_b = _safe(m_b)
-                inv_s_zt = tl.where(has_q, 1.0 / s_zt, 0.0)
+                # KL is 0 by definition (a constant) when base has no non-target mass: no KL gradient then.
+                inv_s_zt = tl.where(has_q & has_p, 1.0 / s_zt, 0.0)
                 inv_s_bt = tl.where(has_p, 1.0 / s_bt, 0.0)
                 for start in range(0, V, BLOCK_V):
                     offs = start + tl.arange(0, BLOCK_V)
