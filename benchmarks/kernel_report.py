@@ -234,6 +234,61 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def _rng(values):
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def summary(rows) -> str:
+    """One line per (dtype, V, target) over its 8 variants: the README table."""
+    head = ("| dtype | V | target | block x warps | registers | spills | load bits | store bits "
+            "| loads/thread/iter (stats, grad) | bytes/row vs floor (grad / no grad) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["dtype"], r["V"], r["target"]), []).append(r)
+    for (dtype, v, target), rs in groups.items():
+        grad = [r for r in rs if r["grad"]]
+        fwd = [r for r in rs if not r["grad"]]
+        stores = [r["store_bits_min"] for r in grad] + [r["store_bits_max"] for r in grad]
+        lines.append(
+            f"| {dtype} | {v} | {target} | {rs[0]['block']} x {rs[0]['num_warps']} "
+            f"| {_rng([r['registers'] for r in rs])} | {max(r['spill_bytes'] for r in rs)} "
+            f"| {_rng([r['load_bits_min'] for r in rs] + [r['load_bits_max'] for r in rs])} "
+            f"| {_rng(stores) if stores else '-'} "
+            f"| {_rng([r['loads_per_iter'].get('stats', 0) for r in rs])}, "
+            f"{_rng([r['loads_per_iter'].get('grad', 0) for r in grad]) if grad else '-'} "
+            f"| {_rng([r['bytes_over_floor'] for r in grad]) if grad else '-'}x / "
+            f"{_rng([r['bytes_over_floor'] for r in fwd]) if fwd else '-'}x |")
+    return "\n".join(lines)
+
+
+def compare(before, after) -> str:
+    """Per variant, before -> after: registers, narrowest streaming load, loads per thread and iteration."""
+    def key(r):
+        return r["dtype"], r["V"], r["reverse"], r["temperature"], r["grad"], r["target"]
+
+    old = {key(r): r for r in before}
+    head = ("| dtype | V | KL | T | grad | target | registers | load bits | store bits | loads/thread/iter "
+            "(stats) | block |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in after:
+        o = old.get(key(r))
+        if o is None:
+            continue
+
+        def arrow(field, fmt=str):
+            a, b = fmt(o[field]), fmt(r[field])
+            return a if a == b else f"{a} → {b}"
+
+        lines.append(
+            f"| {r['dtype']} | {r['V']} | {'rev' if r['reverse'] else 'fwd'} | {r['temperature']:g} "
+            f"| {'yes' if r['grad'] else 'no'} | {r['target']} | {arrow('registers')} | {arrow('load_bits_min')} "
+            f"| {arrow('store_bits_min', lambda x: '-' if x is None else str(x))} "
+            f"| {o['loads_per_iter'].get('stats')} → {r['loads_per_iter'].get('stats')} | {arrow('block')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None, help="only these dtypes")
@@ -244,16 +299,29 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    p.add_argument("--from", dest="from_json", type=Path, default=None,
+                   help="read the rows of an earlier run instead of compiling (nothing is written)")
+    p.add_argument("--summary", action="store_true", help="print the per-(dtype, V, target) summary table")
+    p.add_argument("--compare", type=Path, default=None, help="print a before -> after table against this JSON")
     a = p.parse_args(argv)
-    t0 = time.perf_counter()
-    families = FAMILIES if a.V is None else tuple((v, tuple(DTYPES)) for v in a.V)
-    if a.dtype:
-        families = tuple((v, tuple(d for d in ds if d in a.dtype)) for v, ds in families)
-    rows = collect(variants(families), a.target, a.jobs, progress=not a.quiet)
-    seconds = time.perf_counter() - t0
-    if not a.quiet:
+    if a.from_json is not None:
+        rows = json.loads(a.from_json.read_text())["rows"]
+        a.no_save = True
+    else:
+        t0 = time.perf_counter()
+        families = FAMILIES if a.V is None else tuple((v, tuple(DTYPES)) for v in a.V)
+        if a.dtype:
+            families = tuple((v, tuple(d for d in ds if d in a.dtype)) for v, ds in families)
+        rows = collect(variants(families), a.target, a.jobs, progress=not a.quiet)
+        seconds = time.perf_counter() - t0
+        if not a.quiet:
+            print(f"{len(rows)} kernels compiled in {seconds:.1f} s", file=sys.stderr)
+    if a.compare is not None:
+        print(compare(json.loads(a.compare.read_text())["rows"], rows))
+    elif a.summary:
+        print(summary(rows))
+    elif not a.quiet:
         print(markdown(rows))
-        print(f"\n{len(rows)} kernels compiled in {seconds:.1f} s", file=sys.stderr)
     if not a.no_save:
         doc = dict(triton=triton.__version__, torch=torch.__version__, python=sys.version.split()[0],
                    updated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
