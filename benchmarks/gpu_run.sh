@@ -28,9 +28,11 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>"$OUT/cuda-check.txt"; then
-    note "gpu_run.sh: no CUDA device visible to torch ($("$PY" -c 'import torch; print("torch", torch.__version__)' \
-        2>/dev/null || echo 'torch not importable')): this script only runs on a GPU machine. Nothing was run."
+# One interpreter start: prints the torch version and fails without a CUDA device (or without torch).
+if ! TORCH_INFO="$("$PY" -c "import torch, sys; print('torch', torch.__version__); \
+        sys.exit(0 if torch.cuda.is_available() else 1)" 2>"$OUT/cuda-check.txt")"; then
+    note "gpu_run.sh: no CUDA device visible to torch (${TORCH_INFO:-torch not importable}): this script only runs \
+on a GPU machine. Nothing was run."
     exit 2
 fi
 

@@ -3,7 +3,8 @@
 Same contract as the Triton launcher in `kl_nontarget.loss`: per-row cross-entropy and non-target KL (float32, or
 float64 for float64 inputs) and, when asked, the gradient of `ce + kl_weight * T^2 * kl` times `grad_scale`, in
 the logits' dtype. Rows are processed in chunks so the temporaries stay a few chunk x V tensors; the only N x V
-allocation is the gradient itself. Ignored rows are skipped entirely (their gradient rows are 0).
+allocation is the gradient itself. Ignored rows are skipped entirely (their gradient rows are 0). A NaN or +inf
+anywhere in a supervised row makes its statistics and gradient row NaN, as in the kernel; -inf means probability 0.
 
 On a CPU the time goes into full passes over chunk x V tensors (and, with several threads, into one OpenMP
 barrier per op): the code keeps their number low. `grad_scale` is folded into per-row factors, the forward
