@@ -182,7 +182,8 @@ def facts(variant, capability):
     streamed = [w for r, loop in loops.items() if r != "fill" for w in loop["loads"]]
     grad_stores = loops.get("grad", {}).get("stores", [])
     return dict(
-        variant, kernel=nontarget_ce_kernel.fn.__name__, target=f"sm_{capability}", block=block, num_warps=meta["num_warps"],
+        variant, kernel=nontarget_ce_kernel.fn.__name__, target=f"sm_{capability}", block=block,
+        num_warps=meta["num_warps"],
         stride_divisible_by_16=any(a == ["tt.divisibility", 16] for a in attrs.get((1,), [])),
         registers=usage["reg"], spill_bytes=usage["local"], stack_bytes=usage["stack"], shared_bytes=usage["shared"],
         loops=sorted(loops),

@@ -103,7 +103,6 @@ def nontarget_ce_kernel(
             dz = z - _safe(m_z_new)
             db = b - _safe(m_b_new)
             alpha_z = tl.exp(m_z - _safe(m_z_new))
-            alpha_b = tl.exp(m_b - _safe(m_b_new))
 
             e_z1 = tl.exp(dz)
             if SCALED:
