@@ -9,7 +9,8 @@ needed: ptxas and cuobjdump ship inside the triton wheel.
 
 Vocabularies: an aligned one (V = 128256: the row stride and V are multiples of 16, as for every common LLM
 vocabulary padded to 64 or 128) and an unaligned one (V = 50257, GPT-2's: the JIT adds no divisibility attribute to
-the stride or to V). Any V at or above the block cap compiles to the same code as one of these two.
+the stride or to V). Any V at or above the block cap compiles to the same code as one of these two; a small one
+(V = 2000, bf16) covers the smaller blocks and 4 warps the launcher picks below the cap.
 
 From the PTX it reads the loops (LLVM marks each loop header) and the global loads and stores in their bodies;
 from `cuobjdump --dump-resource-usage` on the cubin the registers, local memory (spills) and shared memory.
