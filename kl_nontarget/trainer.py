@@ -28,6 +28,7 @@ from kl_nontarget.base_model import check_reference, prepare_ref_model
 from kl_nontarget.batch import IGNORE_INDEX, BatchHidden, compute_batch_hidden, compute_batch_logits, shifted_labels
 from kl_nontarget.batch_loss import fused_loss, require_fused, step_heads
 from kl_nontarget.components import ComponentLog
+from kl_nontarget.config import load_reference_model, merge_options
 from kl_nontarget.distributed import install_exit_handler
 from kl_nontarget.loss import nontarget_kl_loss
 from kl_nontarget.options import RegularizerOptions, UsesRegularizerOptions, options_from
@@ -44,12 +45,20 @@ class NonTargetKLMixin(UsesRegularizerOptions):
 
     Call `_init_nontarget_kl(options, ref_model)` at the end of `__init__`. The regularizer's options are
     `self.options` (a `RegularizerOptions`); `kl_weight`, `temperature`, `kl_direction` and `fused_linear` read it.
+    When `self.args` is a config with the regularizer's fields (`kl_nontarget.config.NonTargetKLArguments`), the
+    options (and the reference model, `ref_model_name_or_path`) come from it as well (`config.merge_options`).
     """
 
     options: RegularizerOptions
 
     def _init_nontarget_kl(self, options: RegularizerOptions | None = None, ref_model=None, **keywords):
-        self.options = options_from(options, **keywords)
+        # Options given as keywords (or options=) and in args (a NonTargetKLConfig) are merged; a clash is an error.
+        self.options = merge_options(options_from(options, **keywords), self.args)
+        if getattr(self.args, "ref_model_name_or_path", None) is not None:
+            if ref_model is not None:
+                raise ValueError(f"ref_model= was given and args.ref_model_name_or_path="
+                                 f"{self.args.ref_model_name_or_path!r} too; pass one of them")
+            ref_model = load_reference_model(self.args)
         if self.model is not None:
             check_reference(self.model, ref_model)
         self.ref_model = None if ref_model is None else prepare_ref_model(ref_model, self.args.device)
@@ -237,6 +246,11 @@ class NonTargetKLTrainer(NonTargetKLMixin, Trainer):
             overrides `compute_regularized_loss`. Both paths give the same loss and gradients up to float rounding.
         options: all of the above but `ref_model` as one `kl_nontarget.options.RegularizerOptions` (then leave the
             keywords at their defaults); held as `trainer.options`.
+
+    With `args=kl_nontarget.NonTargetKLConfig(...)` the options are read from `args` (`kl_weight`, `kl_temperature`,
+    `kl_direction`, `kl_fused_linear`, and the reference from `ref_model_name_or_path`); they are then saved with the
+    checkpoints (`training_args.bin`) and logged with the run config. Keywords still work: a keyword at its default
+    leaves the config's value, and the same option set both ways to different values is a ValueError.
     """
 
     def __init__(self, *args, kl_weight: float = 1.0, temperature: float = 1.0, kl_direction: str = "forward",
