@@ -153,7 +153,7 @@ class NonTargetKLConfig(NonTargetKLArguments, TrainingArguments):
     """
 
 
-def merge_options(given: RegularizerOptions, args, source: str = "keyword") -> RegularizerOptions:
+def merge_options(given: RegularizerOptions, args, source: str = "given to the trainer") -> RegularizerOptions:
     """`given` (from a trainer's keywords or `options=`) combined with the options of `args`.
 
     When `args` is not a `NonTargetKLArguments`, `given` is returned. Otherwise, per option, a value at its default
