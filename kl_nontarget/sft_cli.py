@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     """`kl-nontarget sft ...`: 0 on success, 2 for bad input (one message on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        run = parse_args(argv)
-        trainer = train(run)
+        with warnings.catch_warnings():
+            # TRL's configs turn on gradient checkpointing, which transformers 5.x renames and warns about on every
+            # run: noise the user cannot act on.
+            warnings.filterwarnings("ignore", message=r".*gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            run = parse_args(argv)
+            trainer = train(run)
     except InputError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
