@@ -13,12 +13,13 @@ from kl_nontarget.linear import nontarget_kl_linear_loss
 from kl_nontarget.loss import NonTargetKLLoss, nontarget_kl_loss
 from kl_nontarget.options import RegularizerOptions
 
-__all__ = ["NonTargetKLConfig", "NonTargetKLLoss", "NonTargetKLSFTTrainer", "NonTargetKLTrainer", "RegularizerOptions",
-           "nontarget_kl_linear_loss", "nontarget_kl_loss", "nontarget_kl_loss_func"]
+__all__ = ["ForgettingCallback", "NonTargetKLConfig", "NonTargetKLLoss", "NonTargetKLSFTTrainer", "NonTargetKLTrainer",
+           "RegularizerOptions", "nontarget_kl_linear_loss", "nontarget_kl_loss", "nontarget_kl_loss_func"]
 __version__ = "0.1.0"
 
 # The trainers pull in transformers and TRL: import them only when asked for.
 _LAZY = {
+    "ForgettingCallback": "kl_nontarget.callbacks",
     "NonTargetKLTrainer": "kl_nontarget.trainer",
     "NonTargetKLConfig": "kl_nontarget.config",
     "NonTargetKLSFTTrainer": "kl_nontarget.trl",

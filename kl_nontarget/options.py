@@ -97,25 +97,49 @@ class RegularizerOptions:
 
 
 class UsesRegularizerOptions:
-    """Read-only attribute access (`obj.kl_weight`, ...) to the `RegularizerOptions` held as `self.options`."""
+    """Attribute access (`obj.kl_weight`, ...) to the `RegularizerOptions` held as `self.options`.
+
+    Assigning an attribute (`trainer.kl_weight = 0.5`) replaces `self.options` with a checked copy, so the options
+    stay one frozen, valid object (starting from the defaults when none is held yet).
+    """
 
     options: RegularizerOptions
+
+    def _replace_options(self, **changes) -> None:
+        current = self.__dict__.get("options")
+        self.options = (current if current is not None else RegularizerOptions()).replace(**changes)
 
     @property
     def kl_weight(self) -> float:
         return self.options.kl_weight
 
+    @kl_weight.setter
+    def kl_weight(self, value: float) -> None:
+        self._replace_options(kl_weight=value)
+
     @property
     def temperature(self) -> float:
         return self.options.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._replace_options(temperature=value)
 
     @property
     def kl_direction(self) -> str:
         return self.options.kl_direction
 
+    @kl_direction.setter
+    def kl_direction(self, value: str) -> None:
+        self._replace_options(kl_direction=value)
+
     @property
     def fused_linear(self) -> FusedLinear:
         return self.options.fused_linear
+
+    @fused_linear.setter
+    def fused_linear(self, value: FusedLinear) -> None:
+        self._replace_options(fused_linear=value)
 
 
 def options_from(options: RegularizerOptions | None = None, **keywords) -> RegularizerOptions:

@@ -56,6 +56,21 @@ def test_from_object_reads_matching_attributes():
         RegularizerOptions.from_object(Config())
 
 
+def test_holders_read_and_assign_through_the_options():
+    from kl_nontarget.options import UsesRegularizerOptions
+
+    holder = UsesRegularizerOptions()
+    holder.kl_weight = 0.7  # no options yet: the defaults, with this change
+    assert holder.options == RegularizerOptions(kl_weight=0.7)
+    first = holder.options
+    holder.kl_direction = "reverse"
+    assert holder.options == RegularizerOptions(kl_weight=0.7, kl_direction="reverse")
+    assert first.kl_direction == "forward"  # frozen: the earlier object is unchanged
+    with pytest.raises(ValueError, match="temperature"):
+        holder.temperature = 0.0
+    assert holder.temperature == 1.0
+
+
 def test_options_or_keywords_not_both():
     options = RegularizerOptions(kl_weight=0.5)
     assert options_from(options, kl_weight=1.0, fused_linear="auto") is options  # keywords left at their defaults

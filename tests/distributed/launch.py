@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -28,9 +29,34 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    # One thread per rank (two ranks share two cores) and the tests folder importable (tiny_models).
+    # One thread per rank (two ranks share two cores), the tests folder importable (tiny_models), and Python's
+    # fault handler on, so a rank stopped by SIGABRT (a crash, or `_run` on a timeout) prints every thread's stack.
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=path)
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=path,
+                PYTHONFAULTHANDLER="1")
+
+
+def _run(cmd: list[str], timeout: int) -> tuple[int, str, str, bool]:
+    """(exit code, stdout, stderr, timed out) of `cmd`. On a timeout the ranks (torchrun starts them in sessions of
+    their own) get SIGABRT first, so each dumps every thread's stack into its log, then everything is killed."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err, False
+    except subprocess.TimeoutExpired:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        for child in children:
+            child.send_signal(signal.SIGABRT)
+        psutil.wait_procs(children, timeout=20)
+        for process in [*children, proc]:
+            try:
+                process.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        out, err = proc.communicate()
+        return proc.returncode, out or "", err or "", True
 
 
 def _rank_logs(log_dir: Path) -> dict[int, str]:
@@ -52,9 +78,9 @@ def _rank_logs(log_dir: Path) -> dict[int, str]:
 def _failed_ranks(summary: str) -> dict[int, str]:
     """{rank: exit code text} from torchrun's failure summary."""
     found = {}
-    for rank, code, signal in re.findall(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)[^\n]*?(SIG[A-Z]+)?\)?\s*\n",
+    for rank, code, sig in re.findall(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)[^\n]*?(SIG[A-Z]+)?\)?\s*\n",
                                          summary):
-        found[int(rank)] = f"exit code {code}" + (f", {signal}" if signal else "")
+        found[int(rank)] = f"exit code {code}" + (f", {sig}" if sig else "")
     return found
 
 
@@ -64,22 +90,24 @@ def launch(script: str, out, *args: str, ranks: int = 2, timeout: int = TIMEOUT)
     path = str(script if Path(script).is_absolute() else HERE / script)
     if ranks == 1:
         cmd = [sys.executable, path, str(out), *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
-        assert proc.returncode == 0, (f"{' '.join(cmd)} failed with exit code {proc.returncode}\n"
-                                      f"--- stderr ---\n{proc.stderr[-6000:]}\n--- stdout ---\n{proc.stdout[-2000:]}")
+        code, stdout, stderr, timed_out = _run(cmd, timeout)
+        assert code == 0 and not timed_out, (
+            f"{' '.join(cmd)} {'timed out after %d s' % timeout if timed_out else 'failed'} (exit code {code})\n"
+            f"--- stderr ---\n{stderr[-6000:]}\n--- stdout ---\n{stdout[-2000:]}")
         return out
     log_dir = out / "rank_logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "--log-dir", str(log_dir), "--redirects", "3", path, str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
-    if proc.returncode != 0:
-        failed = _failed_ranks(proc.stderr)
+    code, _stdout, stderr, timed_out = _run(cmd, timeout)
+    if code != 0 or timed_out:
+        failed = _failed_ranks(stderr)
         logs = _rank_logs(log_dir)
         order = sorted(logs, key=lambda r: (r not in failed, r))
-        report = [f"{script} on {ranks} ranks failed (torchrun exit code {proc.returncode}); failing ranks: "
-                  + (", ".join(f"rank {r} ({code})" for r, code in sorted(failed.items())) or "unknown")]
+        what = f"timed out after {timeout} s (every rank's stacks follow)" if timed_out else "failed"
+        report = [f"{Path(script).name} on {ranks} ranks {what} (torchrun exit code {code}); failing ranks: "
+                  + (", ".join(f"rank {r} ({how})" for r, how in sorted(failed.items())) or "unknown")]
         report += [f"===== rank {r}{' (FAILED)' if r in failed else ''} =====\n{logs[r]}" for r in order]
-        report.append(f"===== torchrun =====\n{proc.stderr[-3000:]}")
+        report.append(f"===== torchrun =====\n{stderr[-3000:]}")
         raise AssertionError("\n".join(report))
     return out

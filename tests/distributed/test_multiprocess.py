@@ -109,7 +109,7 @@ def test_release_process_groups(tmp_path):
         "with open(os.path.join(sys.argv[1], f\"r{os.environ['RANK']}.json\"), 'w') as f:\n"
         "    json.dump({'before': before, 'installed': installed, 'released': released,\n"
         "               'initialized': dist.is_initialized()}, f)\n")
-    out = launch(script, tmp_path / "out", timeout=120)
+    out = launch(script, tmp_path / "out")
     for rank in (0, 1):
         assert _read(out / f"r{rank}.json") == {"before": [False, False], "installed": [True, True], "released": True,
                                                 "initialized": False}
