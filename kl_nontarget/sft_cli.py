@@ -12,6 +12,7 @@ is written to the output folder; a summary is printed at the end.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import warnings
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
-from kl_nontarget.sft_data import InputError, default_task, load_datasets, resolve_model_path
+from kl_nontarget.sft_data import InputError, default_task, load_datasets, model_forms, resolve_model_path
 from kl_nontarget.trl import NonTargetKLSFTConfig, NonTargetKLSFTTrainer
 
 PROG = "kl-nontarget sft"
@@ -105,16 +106,23 @@ def parse_args(argv: list[str]) -> SFTRun:
         if type(err).__module__.startswith("yaml"):
             raise InputError(f"cannot read {config_path}: {err}") from None
         raise
+    known = [a.dest for a in parser._actions]
     if config_rest:  # ["--key", "value", ...] for the keys no dataclass has
-        names = ", ".join(key.lstrip("-") for key in config_rest[::2])
-        raise InputError(f"unknown option(s) in {config_path}: {names}")
+        names = [key[2:] for key in config_rest[::2]]
+        raise InputError(f"unknown option(s) in {config_path}: {', '.join(names)}{_did_you_mean(names, known)}")
     if cli_rest:
         flags = [s for s in cli_rest if s.startswith("-")]
         if flags:
-            raise InputError(f"unknown option(s): {', '.join(flags)}")
+            names = [f.lstrip("-").split("=", 1)[0].replace("-", "_") for f in flags]
+            raise InputError(f"unknown option(s): {', '.join(flags)}{_did_you_mean(names, known)}")
         raise InputError(f"unexpected value(s): {' '.join(cli_rest)}")
     flags = {a.split("=", 1)[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
     return SFTRun(*parsed, given=flags | set(parser.config_keys))
+
+
+def _did_you_mean(names: list[str], known: list[str]) -> str:
+    guesses = [match for name in names for match in difflib.get_close_matches(name, known, n=1)]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
 
 def prepare(run: SFTRun, log=print):
@@ -125,16 +133,15 @@ def prepare(run: SFTRun, log=print):
     script, training, model_args = run.script, run.training, run.model
     has_data = bool(script.dataset_name or run.mixture.datasets)
     if model_args.model_name_or_path is None and not has_data:
+        log(f"{PROG}: no model and no dataset given: the demo's base model on its 'shifted' task")
         model_path, train, evaluation = default_task(log=log)
         if "learning_rate" not in run.given:
             training.learning_rate = DEFAULT_TASK_LEARNING_RATE
-            log(f"{PROG}: no model and no dataset given: the demo's base model on its 'shifted' task "
-                f"(learning_rate {DEFAULT_TASK_LEARNING_RATE})")
+            log(f"{PROG}: learning_rate {DEFAULT_TASK_LEARNING_RATE:g} for the toy model (--learning_rate to change)")
         if training.eval_strategy == "no" and script.eval_dataset is None:
             evaluation = None
     elif model_args.model_name_or_path is None:
-        raise InputError("a dataset is given but no model: pass --model_name_or_path (a folder, a .gguf file or a "
-                         "hub name)")
+        raise InputError(f"a dataset is given but no model: pass --model_name_or_path ({model_forms()})")
     elif not has_data:
         raise InputError("no dataset: pass --dataset_name (a hub name, a folder, or a .jsonl/.json/.parquet/.csv "
                          "file), or `datasets:` in the config file")
@@ -167,9 +174,9 @@ def train(run: SFTRun, log=print) -> NonTargetKLSFTTrainer:
     output_dir = Path(training.output_dir)
     existed = output_dir.exists()
     try:
+        # SFTTrainer tokenizes the evaluation set here even with eval_strategy "no" (then evaluated once, below).
         trainer = NonTargetKLSFTTrainer(
-            model=model_path, args=training, train_dataset=train_dataset,
-            eval_dataset=eval_dataset if training.eval_strategy != "no" else None,
+            model=model_path, args=training, train_dataset=train_dataset, eval_dataset=eval_dataset,
             peft_config=get_peft_config(run.model), quantization_config=get_quantization_config(run.model))
     except (OSError, ValueError, TypeError) as err:
         # Loading the model, its tokenizer or preparing the data failed: leave no empty output folder behind.
@@ -178,7 +185,7 @@ def train(run: SFTRun, log=print) -> NonTargetKLSFTTrainer:
         raise InputError(str(err)) from err
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     if eval_dataset is not None and training.eval_strategy == "no":
-        trainer.evaluate(eval_dataset)
+        trainer.evaluate()
     trainer.save_model(training.output_dir)
     trainer.save_state()  # trainer_state.json: the log history (ce_loss, nontarget_kl, ...) next to the adapter
     if training.push_to_hub:

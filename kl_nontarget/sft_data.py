@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["InputError", "DATA_FILE_TYPES", "resolve_model_path", "load_data", "load_datasets", "check_columns",
-           "default_task"]
+__all__ = ["InputError", "DATA_FILE_TYPES", "model_forms", "resolve_model_path", "load_data", "load_datasets",
+           "check_columns", "default_task"]
 
 # suffix -> the `datasets` builder that reads it
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -28,6 +28,15 @@ class InputError(Exception):
 def _looks_like_path(spec: str) -> bool:
     # Hub names look like "org/name"; these can only be local paths.
     return spec.startswith(("/", "./", "../", "~", ".\\")) or Path(spec).suffix.lower() in (*DATA_FILE_TYPES, ".gguf")
+
+
+def model_forms() -> str:
+    """The model specs this installation takes, for messages."""
+    try:
+        import kl_nontarget.models  # noqa: F401
+    except ImportError:
+        return "a checkpoint folder or a hub name"
+    return "a checkpoint folder, a .gguf file, the name smollm2 or a hub name"
 
 
 def resolve_model_path(spec: str, cache_dir=None, log=print) -> str:
@@ -51,7 +60,7 @@ def resolve_model_path(spec: str, cache_dir=None, log=print) -> str:
     if path.is_file():
         if path.suffix.lower() == ".gguf":  # resolve_model turns GGUF files into checkpoint folders
             raise InputError(f"{spec}: GGUF files need kl_nontarget.models, which this installation lacks")
-        raise InputError(f"{spec}: a file, not a model folder (pass a checkpoint folder, a .gguf file or a hub name)")
+        raise InputError(f"{spec}: a file, not a model (pass {model_forms()})")
     if _looks_like_path(resolved):
         raise InputError(f"no such model folder or file: {spec}")
     return resolved  # a hub name

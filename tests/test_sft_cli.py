@@ -63,12 +63,16 @@ def check_adapter(out, base, r=4):
 def test_prompt_completion_jsonl_end_to_end(model_folder, tmp_path, capsys):
     out = tmp_path / "out"
     data = prompt_completion_file(tmp_path / "train.jsonl")
+    held_out = prompt_completion_file(tmp_path / "eval.jsonl", n=4, seed=9)
     rc = main(["sft", "--model_name_or_path", str(model_folder), "--dataset_name", str(data), "--kl_weight", "0.5",
-               *fast_flags(out)])
+               "--eval_dataset", str(held_out), *fast_flags(out)])
     assert rc == 0
     check_adapter(out, model_folder)
-    logs = [h for h in log_history(out) if "loss" in h]
+    history = log_history(out)
+    logs = [h for h in history if "loss" in h]
     assert len(logs) == 2
+    # eval_strategy "no" with an eval_dataset: evaluated once, at the end
+    assert [h["step"] for h in history if "eval_nontarget_kl" in h] == [2]
     for h in logs:
         assert h["loss"] == pytest.approx(h["ce_loss"] + 0.5 * h["nontarget_kl"], rel=1e-4)
     assert logs[1]["nontarget_kl"] > 0  # the adapter moved after the first step
@@ -77,7 +81,7 @@ def test_prompt_completion_jsonl_end_to_end(model_folder, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "'nontarget_kl'" in printed  # the Trainer's own log lines
     assert "2 steps with kl_weight 0.5" in printed and f"adapter saved to {out}" in printed
-    assert "merge_and_unload()" in printed
+    assert "merge_and_unload()" in printed and "evaluation (step 2): eval_ce_loss" in printed
 
 
 def test_messages_jsonl_from_a_config_file_with_evaluation(model_folder, tmp_path):
@@ -154,8 +158,8 @@ def broken_reference(tmp_path):
     (["--kl_weight", "-0.5"], "kl_weight must be a finite number >= 0, got -0.5"),
     (["--kl_weight", "much"], "invalid float value: 'much'"),
     (bad_kl_weight_in_yaml, "kl_weight must be a finite number >= 0, got -0.5"),
-    (["--kl_wieght", "0.5"], "unknown option(s): --kl_wieght"),
-    (bad_config, "unknown option(s) in"),
+    (["--kl_wieght", "0.5"], "unknown option(s): --kl_wieght (did you mean kl_weight?)"),
+    (bad_config, "bad.yaml: kl_wieght (did you mean kl_weight?)"),
     (["--dataset_name", "missing.jsonl"], "no such data file or folder: missing.jsonl"),
     (no_usable_column, "has no column to train on: SFT needs 'text'"),
     (prompt_only, "('prompt' needs a 'completion' column)"),
