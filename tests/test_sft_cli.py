@@ -225,3 +225,73 @@ def test_example_config_trains_with_local_model_and_data(model_folder, tmp_path)
     args = torch.load(out / "training_args.bin", weights_only=False)
     assert (args.kl_weight, args.learning_rate, args.num_train_epochs) == (1.0, 2e-4, 1)
     assert all("nontarget_kl" in h for h in log_history(out) if "loss" in h)
+
+
+def test_model_path_goes_through_kl_nontarget_models_when_installed(model_folder, tmp_path, monkeypatch):
+    import types
+
+    from kl_nontarget.sft_data import InputError, resolve_model_path
+
+    calls = []
+
+    def resolve_model(spec, cache_dir=None, log=print):
+        calls.append((spec, cache_dir))
+        return model_folder  # e.g. the checkpoint made from a GGUF file
+
+    monkeypatch.setitem(sys.modules, "kl_nontarget.models", types.SimpleNamespace(resolve_model=resolve_model))
+    gguf = tmp_path / "model.gguf"
+    assert resolve_model_path(str(gguf)) == str(model_folder) and calls == [(str(gguf), None)]
+    # Without the module: the spec passes through (a hub name), local paths are checked.
+    monkeypatch.setitem(sys.modules, "kl_nontarget.models", None)
+    assert resolve_model_path("org/some-model") == "org/some-model"
+    assert resolve_model_path(str(model_folder)) == str(model_folder)
+    with pytest.raises(InputError, match="no such model folder or file"):
+        resolve_model_path(str(gguf))
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(InputError, match="GGUF files need kl_nontarget.models"):
+        resolve_model_path(str(gguf))
+    with pytest.raises(InputError, match="not a model checkpoint folder"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_local_dataset_forms(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from kl_nontarget.sft_data import InputError, load_data, load_datasets
+
+    rows = toy_prompt_completions(6, seed=2)
+    ds = Dataset.from_list(rows)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(str(tmp_path / "saved_dict"))
+    ds.to_parquet(str(tmp_path / "data.parquet"))
+    ds.to_csv(str(tmp_path / "data.csv"), index=False)
+    (tmp_path / "files").mkdir()
+    write_jsonl(tmp_path / "files" / "part.jsonl", rows)
+    for spec in ("saved", "saved_dict", "data.parquet", "data.csv", "files"):
+        data = load_data(str(tmp_path / spec))
+        train = data["train"] if hasattr(data, "keys") else data
+        assert train.num_rows == 6 and train[0]["prompt"] == rows[0]["prompt"], spec
+    (tmp_path / "notes.txt").write_text("w1 w2\n")
+    with pytest.raises(InputError, match=r"unsupported data file type '.txt'"):
+        load_data(str(tmp_path / "notes.txt"))
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "w1"\n')
+    with pytest.raises(InputError, match="cannot load the dataset"):
+        load_data(str(tmp_path / "broken.jsonl"))
+
+    # the evaluation split: a folder's test split, else a file's train split
+    from kl_nontarget.sft_cli import parse_args
+
+    run = parse_args(["--output_dir", "o", "--dataset_name", str(tmp_path / "saved_dict"), "--eval_strategy", "steps"])
+    train, evaluation = load_datasets(run.script, run.mixture, want_eval=True)
+    assert (train.num_rows, evaluation.num_rows) == (6, 2)
+    run = parse_args(["--output_dir", "o", "--dataset_name", str(tmp_path / "saved"), "--eval_dataset",
+                      str(tmp_path / "data.csv")])
+    train, evaluation = load_datasets(run.script, run.mixture)
+    assert (train.num_rows, evaluation.num_rows) == (6, 6)
+    # TRL's `datasets:` mixture from a config file
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"datasets:\n  - path: json\n    data_files: {tmp_path / 'files' / 'part.jsonl'}\n"
+                      "test_split_size: 0.5\n")
+    run = parse_args(["--config", str(config), "--output_dir", "o", "--eval_strategy", "steps"])
+    train, evaluation = load_datasets(run.script, run.mixture, want_eval=True)
+    assert (train.num_rows, evaluation.num_rows) == (3, 3)
