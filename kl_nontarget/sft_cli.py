@@ -2,7 +2,8 @@
 
 The same parser as TRL's `sft` script (`TrlParser` over script arguments, the SFT config, `ModelConfig` and
 `DatasetMixtureConfig`), with `NonTargetKLSFTConfig` in place of `SFTConfig`, so `--config file.yaml` and every
-`trl sft` flag work, plus the regularizer's (`--kl_weight`, `--kl_temperature`, `--kl_direction`,
+`trl sft` flag work (`accelerate launch` options such as `--num_processes` relaunch the command under accelerate, as
+`trl sft` does: `sft_launch.py`), plus the regularizer's (`--kl_weight`, `--kl_temperature`, `--kl_direction`,
 `--kl_fused_linear`, `--ref_model_name_or_path`, `--ref_model_init_kwargs`) and `--eval_dataset`. Differences from
 `trl sft`: LoRA is on by default (`--use_peft false` is full fine-tuning and needs `--ref_model_name_or_path`);
 models and datasets may also be local files (`sft_data.py`); with neither a model nor a dataset it trains the demo's
@@ -12,7 +13,6 @@ is written to the output folder; a summary is printed at the end.
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 import warnings
@@ -22,6 +22,7 @@ from pathlib import Path
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from kl_nontarget.sft_data import InputError, default_task, load_datasets, model_forms, resolve_model_path
+from kl_nontarget.sft_launch import already_launched, launch_arguments, relaunch
 from kl_nontarget.trl import NonTargetKLSFTConfig, NonTargetKLSFTTrainer
 
 PROG = "kl-nontarget sft"
@@ -82,6 +83,8 @@ class SFTRun:
     model: SFTModelConfig
     mixture: DatasetMixtureConfig
     given: set  # field names set explicitly (command line or config file)
+    launch_args: list = field(default_factory=list)  # `accelerate launch` options (config file and command line)
+    launch_cli: list = field(default_factory=list)  # those given on the command line, as written there
 
 
 def parse_args(argv: list[str]) -> SFTRun:
@@ -106,23 +109,10 @@ def parse_args(argv: list[str]) -> SFTRun:
         if type(err).__module__.startswith("yaml"):
             raise InputError(f"cannot read {config_path}: {err}") from None
         raise
-    known = [a.dest for a in parser._actions]
-    if config_rest:  # ["--key", "value", ...] for the keys no dataclass has
-        names = [key[2:] for key in config_rest[::2]]
-        raise InputError(f"unknown option(s) in {config_path}: {', '.join(names)}{_did_you_mean(names, known)}")
-    if cli_rest:
-        flags = [s for s in cli_rest if s.startswith("-")]
-        if flags:
-            names = [f.lstrip("-").split("=", 1)[0].replace("-", "_") for f in flags]
-            raise InputError(f"unknown option(s): {', '.join(flags)}{_did_you_mean(names, known)}")
-        raise InputError(f"unexpected value(s): {' '.join(cli_rest)}")
+    # What no dataclass took must be `accelerate launch`'s (as with `trl sft`): the run is then relaunched under it.
+    launch = launch_arguments(config_rest, cli_rest, config_path, known=[a.dest for a in parser._actions])
     flags = {a.split("=", 1)[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
-    return SFTRun(*parsed, given=flags | set(parser.config_keys))
-
-
-def _did_you_mean(names: list[str], known: list[str]) -> str:
-    guesses = [match for name in names for match in difflib.get_close_matches(name, known, n=1)]
-    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+    return SFTRun(*parsed, given=flags | set(parser.config_keys), launch_args=launch, launch_cli=cli_rest)
 
 
 def prepare(run: SFTRun, log=print):
@@ -229,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             warnings.filterwarnings("ignore", message=r".*gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
             run = parse_args(argv)
+            if run.launch_args and not already_launched():
+                return relaunch(argv, run.launch_args, run.launch_cli)
             trainer = train(run)
     except InputError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

@@ -45,9 +45,9 @@ LEVELS = {
     "trainer": 8, "hook": 8, "retention": 8,
     "trl": 9, "callbacks": 9,
     "demo": 10,
-    "sft_data": 11,
-    "sft_cli": 12,
-    "cli": 13,
+    "sft_data": 11, "sft_launch": 12,
+    "sft_cli": 13,
+    "cli": 14,
 }
 
 

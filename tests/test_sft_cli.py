@@ -295,3 +295,60 @@ def test_local_dataset_forms(tmp_path):
     run = parse_args(["--config", str(config), "--output_dir", "o", "--eval_strategy", "steps"])
     train, evaluation = load_datasets(run.script, run.mixture, want_eval=True)
     assert (train.num_rows, evaluation.num_rows) == (3, 3)
+
+
+# -- accelerate launch options, as `trl sft` takes them -------------------------------------------------------------
+
+
+def test_accelerate_options_are_launch_arguments(tmp_path):
+    from kl_nontarget.sft_cli import parse_args
+    from kl_nontarget.sft_data import InputError
+
+    run = parse_args(["--output_dir", "o", "--num_processes", "2", "--kl_weight", "0.5", "--mixed_precision", "no"])
+    assert run.launch_args == run.launch_cli == ["--num_processes", "2", "--mixed_precision", "no"]
+    assert run.training.kl_weight == 0.5
+    config = tmp_path / "sft.yaml"
+    config.write_text("kl_weight: 0.5\nnum_processes: 2\ncpu: true\naccelerate_config: zero2\n")
+    run = parse_args(["--config", str(config), "--output_dir", "o"])
+    assert run.launch_args[0] == "--config_file" and run.launch_args[1].endswith("zero2.yaml")
+    assert run.launch_args[2:] == ["--num_processes", "2", "--cpu"] and run.launch_cli == []
+    with pytest.raises(InputError, match="accelerate launch option: .*invalid int value: 'two'"):
+        parse_args(["--output_dir", "o", "--num_processes", "two"])
+
+
+def test_relaunch_under_accelerate(tmp_path, monkeypatch, capsys):
+    import os
+
+    from accelerate.commands import launch
+
+    from kl_nontarget.sft_launch import LAUNCHED
+
+    seen = []
+
+    def fake_launch(args):
+        seen.append((args, os.environ.get(LAUNCHED)))
+        if len(seen) == 2:
+            raise subprocess.CalledProcessError(returncode=2, cmd=["python"])
+
+    monkeypatch.setattr(launch, "launch_command", fake_launch)
+    argv = ["sft", "--output_dir", str(tmp_path / "o"), "--num_processes", "2", "--kl_weight", "0.5"]
+    assert main(argv) == 0
+    args, flag = seen[0]
+    assert args.num_processes == 2 and args.module and args.training_script == "kl_nontarget.cli"
+    assert args.training_script_args == ["sft", "--output_dir", str(tmp_path / "o"), "--kl_weight", "0.5"]
+    assert flag == "1" and LAUNCHED not in os.environ  # set for the launched processes only
+    assert main(argv) == 2  # the launched run's exit code
+    # Inside a launched process the accelerate options are ignored: the run trains (here: fails on its input).
+    monkeypatch.setenv(LAUNCHED, "1")
+    assert main(["sft", "--output_dir", str(tmp_path / "o"), "--num_processes", "2", "--dataset_name", "x.jsonl"]) == 2
+    assert len(seen) == 2 and "a dataset is given but no model" in capsys.readouterr().err
+
+
+def test_single_process_accelerate_launch_end_to_end(model_folder, tmp_path):
+    out = tmp_path / "out"
+    data = prompt_completion_file(tmp_path / "train.jsonl")
+    rc = main(["sft", "--model_name_or_path", str(model_folder), "--dataset_name", str(data), "--num_processes", "1",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *fast_flags(out)])
+    assert rc == 0
+    check_adapter(out, model_folder)
+    assert all("nontarget_kl" in h for h in log_history(out) if "loss" in h)
