@@ -14,9 +14,11 @@ inherit them. The field names avoid every field of TrainingArguments, TRL's SFTC
     ref_model_name_or_path   (the trainers' ref_model=, loaded from this path)
     ref_model_init_kwargs    (from_pretrained keywords of that reference)
 
-`OPTION_OF_FIELD` is that mapping in code, the one place that knows it. To add a regularizer option: add its field
-to `RegularizerOptions` (options.py), a field with its default and help here, and one entry in `OPTION_OF_FIELD`;
-validation, the trainers and the command line then follow.
+`OPTION_OF_FIELD` is that mapping in code, the one place that knows it: a field of `NonTargetKLArguments` stands for
+the `RegularizerOptions` field of the same name unless `RENAMED` says otherwise. To add a regularizer option, add it
+to `RegularizerOptions` (options.py) and a field of the same name, default and help to `NonTargetKLArguments`;
+validation, the trainers, `to_dict()`/`training_args.bin` and the command line then follow. A field that is not an
+option (like `ref_model_name_or_path`) is just a field; whoever reads it decides what it means.
 
 This module imports transformers' `TrainingArguments` but not TRL.
 """
@@ -30,16 +32,12 @@ from transformers import TrainingArguments
 
 from kl_nontarget.options import RegularizerOptions
 
-__all__ = ["OPTION_OF_FIELD", "NonTargetKLArguments", "NonTargetKLConfig", "merge_options", "load_reference_model"]
+__all__ = ["OPTION_OF_FIELD", "RENAMED", "NonTargetKLArguments", "NonTargetKLConfig", "merge_options",
+           "load_reference_model"]
 
-# config field -> RegularizerOptions field.
-OPTION_OF_FIELD = {
-    "kl_weight": "kl_weight",
-    "kl_temperature": "temperature",
-    "kl_direction": "kl_direction",
-    "kl_fused_linear": "fused_linear",
-}
-FIELD_OF_OPTION = {option: name for name, option in OPTION_OF_FIELD.items()}
+# Config fields named apart from their RegularizerOptions field: `temperature` is the sampling temperature of TRL's
+# GKD config (and of generation configs), and a bare `fused_linear` would not say what it belongs to.
+RENAMED = {"kl_temperature": "temperature", "kl_fused_linear": "fused_linear"}
 
 # Spellings of kl_fused_linear accepted from a command line or a YAML string (as transformers' parser reads bools).
 _TRUE = ("true", "t", "yes", "y", "1")
@@ -134,6 +132,21 @@ class NonTargetKLArguments:
             return RegularizerOptions(**values)
         except (TypeError, ValueError) as err:
             raise type(err)(_with_field_name(str(err))) from None
+
+
+def _option_of_field() -> dict[str, str]:
+    options = {f.name for f in dataclasses.fields(RegularizerOptions)}
+    mapping = {}
+    for f in dataclasses.fields(NonTargetKLArguments):
+        option = RENAMED.get(f.name, f.name)
+        if option in options:
+            mapping[f.name] = option
+    return mapping
+
+
+# config field -> RegularizerOptions field, and back.
+OPTION_OF_FIELD = _option_of_field()
+FIELD_OF_OPTION = {option: name for name, option in OPTION_OF_FIELD.items()}
 
 
 def _with_field_name(message: str) -> str:
