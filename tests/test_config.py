@@ -65,6 +65,12 @@ def test_every_option_has_one_config_field_and_no_name_clashes():
         assert all(dataclasses.fields(cls)[names.index(n)].metadata.get("help") for n in OURS)
 
 
+def test_options_from_object_asks_the_config():
+    config = NonTargetKLConfig("out", **CUSTOM)
+    assert RegularizerOptions.from_object(config) == CUSTOM_OPTIONS  # kl_temperature is read, not skipped
+    assert RegularizerOptions.from_object(config, kl_weight=2.0) == CUSTOM_OPTIONS.replace(kl_weight=2.0)
+
+
 def test_defaults_and_to_dict():
     config = NonTargetKLConfig("out")
     assert config.regularizer_options() == RegularizerOptions()
