@@ -123,12 +123,15 @@ def prepare(run: SFTRun, log=print):
     script, training, model_args = run.script, run.training, run.model
     has_data = bool(script.dataset_name or run.mixture.datasets)
     if model_args.model_name_or_path is None and not has_data:
+        if script.eval_dataset is not None:
+            raise InputError("--eval_dataset needs --model_name_or_path and --dataset_name (without them the demo's "
+                             "task runs, evaluated on its own validation split with --eval_strategy steps)")
         log(f"{PROG}: no model and no dataset given: the demo's base model on its 'shifted' task")
         model_path, train, evaluation = default_task(log=log)
         if "learning_rate" not in run.given:
             training.learning_rate = DEFAULT_TASK_LEARNING_RATE
             log(f"{PROG}: learning_rate {DEFAULT_TASK_LEARNING_RATE:g} for the toy model (--learning_rate to change)")
-        if training.eval_strategy == "no" and script.eval_dataset is None:
+        if training.eval_strategy == "no":
             evaluation = None
     elif model_args.model_name_or_path is None:
         raise InputError(f"a dataset is given but no model: pass --model_name_or_path ({model_forms()})")

@@ -186,6 +186,8 @@ def test_model_without_dataset_and_dataset_without_model(model_folder, tmp_path,
     data = prompt_completion_file(tmp_path / "train.jsonl")
     assert main(["sft", "--dataset_name", str(data), "--output_dir", str(tmp_path / "o")]) == 2
     assert "no model: pass --model_name_or_path" in capsys.readouterr().err
+    assert main(["sft", "--eval_dataset", str(data), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "--eval_dataset needs --model_name_or_path and --dataset_name" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
