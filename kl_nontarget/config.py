@@ -11,6 +11,7 @@ inherit them. The field names avoid every field of TrainingArguments, TRL's SFTC
     kl_temperature           temperature
     kl_direction             kl_direction
     kl_fused_linear          fused_linear
+    kl_target                kl_target
     ref_model_name_or_path   (the trainers' ref_model=, loaded from this path)
     ref_model_init_kwargs    (from_pretrained keywords of that reference)
 
@@ -69,6 +70,7 @@ class NonTargetKLArguments:
         kl_direction: "forward" for KL(base || adapted), "reverse" for KL(adapted || base).
         kl_fused_linear: "auto", True or False (the trainers' `fused_linear`); the strings "true"/"false" (and
             yes/no, 1/0) are read as booleans, so YAML and command lines may write either.
+        kl_target: None for a fixed `kl_weight`; a number > 0 makes the weight adaptive (`kl_nontarget.adaptive`).
         ref_model_name_or_path: a frozen reference model for the base distribution, loaded by the trainer with
             `AutoModelForCausalLM.from_pretrained` (the trainers' `ref_model=`): needed for full fine-tuning and for
             adapter initialisations that rewrite the base weights. None: the PEFT model with its adapters disabled.
@@ -89,6 +91,9 @@ class NonTargetKLArguments:
     kl_fused_linear: str = field(default="auto", metadata={
         "help": "Compute the loss from the final hidden states and the LM head, without the N x V logits: 'auto' "
                 "(when the model qualifies), 'true' (required) or 'false'."})
+    kl_target: float | None = field(default=None, metadata={
+        "help": "Adaptive kl_weight: the non-target KL per token to aim for (> 0). The weight starts at kl_weight and "
+                "is steered after every optimizer step. Default: a fixed kl_weight."})
     ref_model_name_or_path: str | None = field(default=None, metadata={
         "help": "A frozen reference model (folder or hub name) for the base distribution; needed for full "
                 "fine-tuning. Default: the PEFT model with its adapters disabled."})

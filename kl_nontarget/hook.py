@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kl_nontarget.adaptive import next_weight, rank_mean
 from kl_nontarget.base_model import (
     autocast_like,
     autocast_state,
@@ -35,9 +36,9 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
 
     def __init__(self, model: nn.Module, *, kl_weight: float = 1.0, temperature: float = 1.0,
                  kl_direction: str = "forward", ref_model: nn.Module | None = None, fused_linear="auto",
-                 options: RegularizerOptions | None = None):
+                 kl_target: float | None = None, options: RegularizerOptions | None = None):
         self.options = options_from(options, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
-                                    fused_linear=fused_linear)
+                                    fused_linear=fused_linear, kl_target=kl_target)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._head = None  # (heads, capture, hook handles) of the adapted forward in flight on the fused path
@@ -70,7 +71,8 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
         self._release_head()
         device_type = next((v.device.type for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), "cpu")
         self._captured = {"args": tuple(args), "kwargs": dict(kwargs), "device_type": device_type,
-                          "autocast": autocast_state(device_type)}
+                          "autocast": autocast_state(device_type),
+                          "training": module.training and torch.is_grad_enabled()}
         # A training forward (train mode, gradients on, no labels: the Trainer popped them for compute_loss_func)
         # hands its final hidden states to the loss; its head then projects the last position only.
         training_forward = (module.training and torch.is_grad_enabled()
@@ -124,7 +126,8 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
                                              forward_args=captured["args"], base_context=base_context)
             finally:
                 self._in_base_pass = False
-            return fused_loss(batch, self.options, num_items_in_batch)
+            return self._adapted(fused_loss(batch, self.options, num_items_in_batch, return_components=True),
+                                 captured)
         self._in_base_pass = True
         try:
             batch = compute_batch_logits(self.model, inputs, ref_model=self.ref_model, adapted_outputs=outputs,
@@ -132,7 +135,16 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
         finally:
             self._in_base_pass = False
         # No `average_tokens_across_devices` scaling here: the Trainer applies it to compute_loss_func's loss.
-        return logits_loss(batch, self.options, num_items_in_batch)
+        return self._adapted(logits_loss(batch, self.options, num_items_in_batch, return_components=True), captured)
+
+    def _adapted(self, result, captured):
+        """The loss of `(loss, ce, kl)`; with `kl_target`, a training call also updates the adaptive weight."""
+        loss, _ce, kl = result
+        if self.options.kl_target is not None and captured["training"]:
+            observed = rank_mean(kl)  # every rank takes the same step
+            self.options = self.options.replace(kl_weight=next_weight(self.options.kl_weight, observed,
+                                                                      self.options.kl_target))
+        return loss
 
     def remove(self):
         """Detach the forward pre-hooks from the model and drop every captured reference."""
@@ -158,6 +170,7 @@ def _input_embeddings(model):
 
 def nontarget_kl_loss_func(model: nn.Module, *, kl_weight: float = 1.0, temperature: float = 1.0,
                            kl_direction: str = "forward", ref_model: nn.Module | None = None, fused_linear="auto",
+                           kl_target: float | None = None,
                            options: RegularizerOptions | None = None) -> NonTargetKLLossFunc:
     """A `compute_loss_func` adding the non-target KL to the cross-entropy, for Trainer or SFTTrainer.
 
@@ -170,6 +183,9 @@ def nontarget_kl_loss_func(model: nn.Module, *, kl_weight: float = 1.0, temperat
             calls it for `compute_loss_func`) passes its final hidden states to this loss, and its returned logits
             cover the last position only. Evaluation forwards (no gradients) keep their full logits. Pass False if
             other code needs the full logits of training-mode forwards.
+        kl_target: None, or a number > 0 for an adaptive weight as in `kl_nontarget.NonTargetKLTrainer`; the hook
+            sees micro-batches, not optimizer steps, so it updates the weight after every training call (with the KL
+            averaged over ranks) and does not save it with checkpoints: prefer the trainers for long resumable runs.
         options: the options above (not `ref_model`) as one `RegularizerOptions`; held as `.options`.
 
     Returns:
@@ -184,4 +200,4 @@ def nontarget_kl_loss_func(model: nn.Module, *, kl_weight: float = 1.0, temperat
         >>> trainer.train(); loss_func.remove()
     """
     return NonTargetKLLossFunc(model, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
-                               ref_model=ref_model, fused_linear=fused_linear, options=options)
+                               ref_model=ref_model, fused_linear=fused_linear, kl_target=kl_target, options=options)

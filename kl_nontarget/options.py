@@ -37,6 +37,16 @@ def check_regularizer_options(kl_weight, temperature, kl_direction) -> None:
         raise ValueError(f"kl_direction must be one of {DIRECTIONS}, got {kl_direction!r}")
 
 
+def check_kl_target(kl_target) -> None:
+    """ValueError unless `kl_target` is None or a finite number > 0."""
+    if kl_target is None:
+        return
+    if isinstance(kl_target, bool) or not isinstance(kl_target, Real) or not math.isfinite(kl_target) \
+            or kl_target <= 0:
+        raise ValueError("kl_target must be a finite number > 0 (the non-target KL per token to aim for) or None, "
+                         f"got {kl_target!r}")
+
+
 def is_positive_number(value) -> bool:
     """Whether `value` is a finite real number > 0 (bools excluded)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
@@ -59,6 +69,9 @@ class RegularizerOptions:
         kl_direction: "forward" for KL(base || adapted), "reverse" for KL(adapted || base).
         fused_linear: "auto", True or False: whether the loss is computed from final hidden states and the LM head
             (no N x V logits) when the model qualifies; see `kl_nontarget.NonTargetKLTrainer`.
+        kl_target: None (default) keeps `kl_weight` fixed. A number > 0 makes the weight adaptive: it starts at
+            `kl_weight` (which must then be > 0) and is steered after every step so that the non-target KL per token
+            tracks `kl_target` (`kl_nontarget.adaptive`).
 
     Raises TypeError/ValueError at construction for a bad value; numbers are stored as floats.
     """
@@ -67,10 +80,17 @@ class RegularizerOptions:
     temperature: float = 1.0
     kl_direction: KLDirection = "forward"
     fused_linear: FusedLinear = "auto"
+    kl_target: float | None = None
 
     def __post_init__(self):
         check_fused_linear(self.fused_linear)
         check_regularizer_options(self.kl_weight, self.temperature, self.kl_direction)
+        check_kl_target(self.kl_target)
+        if self.kl_target is not None:
+            if not self.kl_weight > 0:
+                raise ValueError("kl_target makes kl_weight adaptive by multiplying it at every step: start it above 0 "
+                                 f"(got kl_weight={self.kl_weight!r})")
+            object.__setattr__(self, "kl_target", float(self.kl_target))
         # Normalised once here, so every consumer sees plain floats (ints and numpy scalars are accepted above).
         object.__setattr__(self, "kl_weight", float(self.kl_weight))
         object.__setattr__(self, "temperature", float(self.temperature))
@@ -109,7 +129,10 @@ class UsesRegularizerOptions:
     options: RegularizerOptions
 
     def _replace_options(self, **changes) -> None:
-        current = self.__dict__.get("options")
+        try:
+            current = self.options
+        except AttributeError:  # none held yet
+            current = None
         self.options = (current if current is not None else RegularizerOptions()).replace(**changes)
 
     @property
@@ -143,6 +166,14 @@ class UsesRegularizerOptions:
     @fused_linear.setter
     def fused_linear(self, value: FusedLinear) -> None:
         self._replace_options(fused_linear=value)
+
+    @property
+    def kl_target(self) -> float | None:
+        return self.options.kl_target
+
+    @kl_target.setter
+    def kl_target(self, value: float | None) -> None:
+        self._replace_options(kl_target=value)
 
 
 def options_from(options: RegularizerOptions | None = None, **keywords) -> RegularizerOptions:

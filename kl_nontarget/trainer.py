@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from kl_nontarget.adaptive import AdaptiveKLWeight
 from kl_nontarget.base_model import check_reference, prepare_ref_model
 from kl_nontarget.batch import IGNORE_INDEX, BatchHidden, compute_batch_hidden, compute_batch_logits, shifted_labels
 from kl_nontarget.batch_loss import fused_loss, require_fused, step_heads
@@ -49,11 +50,34 @@ class NonTargetKLMixin(UsesRegularizerOptions):
     options (and the reference model, `ref_model_name_or_path`) come from it as well (`config.merge_options`).
     """
 
-    options: RegularizerOptions
+    @property
+    def options(self) -> RegularizerOptions:
+        """The regularizer's options; with `kl_target`, `kl_weight` is the adaptive weight of this step."""
+        adaptive = self.adaptive_kl_weight
+        if adaptive is None or adaptive.kl_weight == self._options.kl_weight:
+            return self._options
+        return self._options.replace(kl_weight=adaptive.kl_weight)
+
+    @options.setter
+    def options(self, value: RegularizerOptions) -> None:
+        self._options = value
+        adaptive = self.adaptive_kl_weight
+        if adaptive is not None:  # an explicit new weight (trainer.kl_weight = ...) restarts the controller there
+            adaptive.kl_weight = value.kl_weight
+
+    @property
+    def adaptive_kl_weight(self) -> AdaptiveKLWeight | None:
+        """The callback holding the adaptive weight (with `kl_target`), else None. Looked up in the callback list
+        every time: resuming with restore_callback_states_from_checkpoint=True replaces the instance."""
+        if getattr(self, "_options", None) is None or self._options.kl_target is None:
+            return None
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, AdaptiveKLWeight)), None)
 
     def _init_nontarget_kl(self, options: RegularizerOptions | None = None, ref_model=None, **keywords):
         # Options given as keywords (or options=) and in args (a NonTargetKLConfig) are merged; a clash is an error.
         self.options = merge_options(options_from(options, **keywords), self.args)
+        if self._options.kl_target is not None:
+            self.add_callback(AdaptiveKLWeight(self._options.kl_target, self._options.kl_weight))
         if getattr(self.args, "ref_model_name_or_path", None) is not None:
             if ref_model is not None:
                 raise ValueError(f"ref_model= was given and args.ref_model_name_or_path="
@@ -189,6 +213,9 @@ class NonTargetKLMixin(UsesRegularizerOptions):
             labels = inputs.get("labels", inputs.get("shift_labels"))
             weight = float(labels.shape[0])
         self.component_log.add(mode, ce, kl, weight, self.state.global_step)
+        adaptive = self.adaptive_kl_weight
+        if mode == "train" and adaptive is not None:
+            adaptive.observe(kl * weight)
 
     def _gathered(self, value):
         value = torch.as_tensor(value, dtype=torch.float32, device=self.args.device).reshape(1)
@@ -208,6 +235,8 @@ class NonTargetKLMixin(UsesRegularizerOptions):
             logs["ce_loss"] = self._gathered(sums["ce"]).mean().item() / steps
             logs["nontarget_kl"] = self._gathered(sums["kl"]).mean().item() / steps
             self.component_log.reset("train")
+            if self.adaptive_kl_weight is not None:
+                logs["kl_weight"] = self.adaptive_kl_weight.kl_weight
         return super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
@@ -244,6 +273,9 @@ class NonTargetKLTrainer(NonTargetKLMixin, Trainer):
             the same, but raise at construction when the model does not qualify. False: always the logits. The
             logits are also used when evaluation needs predictions (`compute_metrics`), and when a subclass
             overrides `compute_regularized_loss`. Both paths give the same loss and gradients up to float rounding.
+        kl_target: None (default) for a fixed kl_weight; a number > 0 makes the weight adaptive, starting at
+            `kl_weight` and steered after every optimizer step so that the logged `nontarget_kl` tracks the target
+            (`kl_nontarget.adaptive`). The current weight is logged as `kl_weight` and saved with checkpoints.
         options: all of the above but `ref_model` as one `kl_nontarget.options.RegularizerOptions` (then leave the
             keywords at their defaults); held as `trainer.options`.
 
@@ -254,8 +286,9 @@ class NonTargetKLTrainer(NonTargetKLMixin, Trainer):
     """
 
     def __init__(self, *args, kl_weight: float = 1.0, temperature: float = 1.0, kl_direction: str = "forward",
-                 ref_model=None, fused_linear="auto", options: RegularizerOptions | None = None, **kwargs):
+                 ref_model=None, fused_linear="auto", kl_target: float | None = None,
+                 options: RegularizerOptions | None = None, **kwargs):
         options = options_from(options, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
-                               fused_linear=fused_linear)
+                               fused_linear=fused_linear, kl_target=kl_target)
         super().__init__(*args, **kwargs)
         self._init_nontarget_kl(options, ref_model)

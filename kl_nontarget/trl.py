@@ -82,9 +82,10 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
     """
 
     def __init__(self, *args, kl_weight: float = 1.0, temperature: float = 1.0, kl_direction: str = "forward",
-                 ref_model=None, fused_linear="auto", options: RegularizerOptions | None = None, **kwargs):
+                 ref_model=None, fused_linear="auto", kl_target: float | None = None,
+                 options: RegularizerOptions | None = None, **kwargs):
         options = options_from(options, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
-                               fused_linear=fused_linear)
+                               fused_linear=fused_linear, kl_target=kl_target)
         args, kwargs = _sft_args(args, kwargs)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("NonTargetKLSFTTrainer computes its own loss; do not pass compute_loss_func (use "

@@ -32,8 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = toy_token_batches(8, seed=3)
 OURS = [f.name for f in dataclasses.fields(NonTargetKLArguments)]
 # Options that differ from every default, as the config fields and as the RegularizerOptions they mean.
-CUSTOM = dict(kl_weight=0.25, kl_temperature=1.5, kl_direction="reverse", kl_fused_linear=False)
-CUSTOM_OPTIONS = RegularizerOptions(kl_weight=0.25, temperature=1.5, kl_direction="reverse", fused_linear=False)
+CUSTOM = dict(kl_weight=0.25, kl_temperature=1.5, kl_direction="reverse", kl_fused_linear=False, kl_target=0.05)
+CUSTOM_OPTIONS = RegularizerOptions(kl_weight=0.25, temperature=1.5, kl_direction="reverse", fused_linear=False,
+                                    kl_target=0.05)
 
 
 def cpu_args(cls, tmp_path, **overrides):
@@ -93,6 +94,7 @@ def test_fused_linear_spellings(value, expected):
     (dict(kl_temperature=0.0), ValueError, "kl_temperature: temperature must be a finite number > 0"),
     (dict(kl_direction="sideways"), ValueError, "kl_direction must be one of"),
     (dict(kl_fused_linear="maybe"), ValueError, "kl_fused_linear: fused_linear must be True, False or 'auto'"),
+    (dict(kl_target=0.0), ValueError, "kl_target must be a finite number > 0"),
     (dict(ref_model_init_kwargs="{dtype: float32}"), ValueError, "ref_model_init_kwargs must be a JSON object"),
     (dict(ref_model_init_kwargs="[1, 2]"), TypeError, "ref_model_init_kwargs must be a dict"),
     (dict(ref_model_name_or_path=3), TypeError, "ref_model_name_or_path must be a string"),
@@ -123,6 +125,7 @@ kl_weight: 0.25
 kl_temperature: 1.5
 kl_direction: reverse
 kl_fused_linear: false
+kl_target: 0.05
 ref_model_name_or_path: ./base
 ref_model_init_kwargs:
   dtype: bfloat16
@@ -148,7 +151,8 @@ def test_yaml_sets_every_option(tmp_path):
 
 def test_flags_set_every_option():
     run = parse_args(["--output_dir", "o", "--kl_weight", "0.25", "--kl-temperature", "1.5", "--kl_direction",
-                      "reverse", "--kl_fused_linear", "false", "--ref_model_name_or_path", "./base",
+                      "reverse", "--kl_fused_linear", "false", "--kl_target", "0.05", "--ref_model_name_or_path",
+                      "./base",
                       "--ref_model_init_kwargs", '{"dtype": "float32"}', "--use_peft", "false", "--eval_dataset",
                       "eval.jsonl"])
     assert run.training.regularizer_options() == CUSTOM_OPTIONS
@@ -161,7 +165,7 @@ def test_flags_set_every_option():
 def test_transformers_parser_reads_the_plain_config():
     (config,) = HfArgumentParser(NonTargetKLConfig).parse_args_into_dataclasses(
         ["--output_dir", "o", "--kl_weight", "0.25", "--kl_temperature", "1.5", "--kl_direction", "reverse",
-         "--kl_fused_linear", "no"])
+         "--kl_fused_linear", "no", "--kl_target", "5e-2"])
     assert config.regularizer_options() == CUSTOM_OPTIONS
 
 

@@ -41,7 +41,7 @@ LEVELS = {
     "base_model": 4, "batching": 4,
     "lm_head": 5,
     "batch": 6,
-    "batch_loss": 7, "components": 7, "metrics": 7,
+    "batch_loss": 7, "components": 7, "metrics": 7, "adaptive": 7,
     "trainer": 8, "hook": 8, "retention": 8,
     "trl": 9, "callbacks": 9,
     "demo": 10,
