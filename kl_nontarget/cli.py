@@ -2,6 +2,7 @@
 
     kl-nontarget demo [--out DIR] [--quick] [--seeds N] [--cache-dir DIR] [--threads N]
     kl-nontarget eval --adapter DIR --data FILE [--base MODEL] [--text-field text] [--max-length 512] ...
+    kl-nontarget sft [--config FILE.yaml] [every `trl sft` option] [--kl_weight W] ...   (sft_cli.py)
 """
 
 import argparse
@@ -29,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=None, metavar="N",
                       help="torch threads (default: torch's, one per core; 1 is faster on cores busy with other work)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    # Listed for --help only: main() hands `sft` and everything after it to sft_cli (TRL's parser).
+    sub.add_parser("sft", add_help=False, help="supervised fine-tuning with the non-target KL: `trl sft` plus "
+                   "--kl_weight ...; takes --config FILE.yaml (kl-nontarget sft --help lists the options)")
 
     ev = sub.add_parser("eval",
                         help="forgetting of a saved adapter against its base on a local text or JSON-lines file",
@@ -149,6 +154,11 @@ def cmd_eval(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sft"]:
+        from kl_nontarget.sft_cli import main as sft_main
+
+        return sft_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -110,8 +110,11 @@ class RegularizerOptions:
 
     @classmethod
     def from_object(cls, source, **overrides) -> RegularizerOptions:
-        """Options read from the attributes of `source` named like the fields (for example a config dataclass that
-        extends `TrainingArguments`); fields `source` lacks keep their defaults, `overrides` win."""
+        """Options read from the attributes of `source` named like the fields; fields `source` lacks keep their
+        defaults, `overrides` win. A source with a `regularizer_options()` method (the config classes of
+        `kl_nontarget.config`, whose fields are named apart from TRL's, e.g. `kl_temperature`) is asked instead."""
+        if callable(getattr(source, "regularizer_options", None)):
+            return source.regularizer_options().replace(**overrides)
         values = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if hasattr(source, f.name)}
         return cls(**{**values, **overrides})
 

@@ -29,6 +29,7 @@ from kl_nontarget.base_model import is_compiled
 from kl_nontarget.batch import IGNORE_INDEX, BatchHidden, compute_batch_hidden, compute_batch_logits, shifted_labels
 from kl_nontarget.batch_loss import fused_loss, require_fused, step_heads
 from kl_nontarget.components import ComponentLog, accelerator_gather, eval_metrics, train_logs
+from kl_nontarget.config import merge_options, reference_model_spec
 from kl_nontarget.distributed import install_exit_handler
 from kl_nontarget.integrations import (
     liger_without_fused_loss,
@@ -53,6 +54,9 @@ class NonTargetKLMixin(UsesRegularizerOptions):
 
     Call `_init_nontarget_kl(options, ref_model, ...)` at the end of `__init__`. The regularizer's options are
     `self.options` (a `RegularizerOptions`); `kl_weight`, `temperature`, `kl_direction` and `fused_linear` read it.
+    When `self.args` is a config with the regularizer's fields (`kl_nontarget.config.NonTargetKLArguments`), the
+    options (and the reference, `ref_model_name_or_path` / `ref_adapter_name`) come from it as well
+    (`config.merge_options`).
 
     `regularizer_log_name`: the name the regularizer term is logged under (`eval_<name>` in evaluation). A subclass
     that overrides `compute_regularized_loss` declares its own; without one its term is logged as "regularizer",
@@ -87,9 +91,18 @@ class NonTargetKLMixin(UsesRegularizerOptions):
     def _init_nontarget_kl(self, options: RegularizerOptions | None = None, ref_model=None, *,
                            ref_adapter_name: str | None = None, ref_model_init_kwargs: dict | None = None,
                            **keywords):
-        self.options = options_from(options, **keywords)
+        # Options given as keywords (or options=) and in args (a NonTargetKLConfig) are merged; a clash is an error.
+        self.options = merge_options(options_from(options, **keywords), self.args)
         if self._options.kl_target is not None:
             self.add_callback(AdaptiveKLWeight(self._options.kl_target, self._options.kl_weight))
+        configured, configured_kwargs = reference_model_spec(self.args)
+        if configured is not None:
+            if ref_model is not None:
+                raise ValueError(f"ref_model= was given and args.ref_model_name_or_path={configured!r} too; pass one "
+                                 "of them")
+            ref_model, ref_model_init_kwargs = configured, configured_kwargs
+        if ref_adapter_name is None:
+            ref_adapter_name = getattr(self.args, "ref_adapter_name", None)
         if isinstance(ref_model, (str, os.PathLike)):
             ref_model = load_ref_model(ref_model, ref_model_init_kwargs, self.model)
         elif ref_model_init_kwargs is not None:
@@ -311,6 +324,11 @@ class NonTargetKLTrainer(NonTargetKLMixin, Trainer):
 
     With `use_liger_kernel=True`, Liger's fused_linear_cross_entropy is turned off (it returns no logits); its other
     kernels apply. MoE models add `router_aux_loss_coef * aux_loss` of the adapted pass, as `Trainer` does.
+
+    With `args=kl_nontarget.NonTargetKLConfig(...)` the options are read from `args` (`kl_weight`, `kl_temperature`,
+    `kl_direction`, `kl_fused_linear`, and the reference from `ref_model_name_or_path`); they are then saved with the
+    checkpoints (`training_args.bin`) and logged with the run config. Keywords still work: a keyword at its default
+    leaves the config's value, and the same option set both ways to different values is a ValueError.
     """
 
     def __init__(self, *args, kl_weight: float = 1.0, temperature: float = 1.0, kl_direction: str = "forward",

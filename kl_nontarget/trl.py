@@ -7,6 +7,9 @@ assistant-only labels, packing, padding-free), TRL's `peft_config=` path, its me
 `nontarget_kl_loss_func(model, ...)`, the `compute_loss_func=` hook, lives in `kl_nontarget.hook` (it serves plain
 `transformers.Trainer` too) and is importable from here.
 
+`NonTargetKLSFTConfig` is `trl.SFTConfig` with the regularizer's fields (`kl_nontarget.config.NonTargetKLArguments`);
+`kl-nontarget sft` parses it.
+
 Both use the fused-linear loss (final hidden states and the LM head, no N x V logits; `fused_linear=`) when the
 model qualifies (`kl_nontarget.lm_head.linear_head`). TRL's own fused LM head runs the backbone inside the model's
 forward and reads the head's weight; here the hidden states are likewise taken inside the forward, where the model
@@ -16,6 +19,7 @@ hands them to its head (a pre-hook on the head), so every wrapper and TRL's patc
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import trl
@@ -23,13 +27,36 @@ from torch import nn
 
 from kl_nontarget.base_model import is_peft_model, is_trl_fused_forward, unwrap_model
 from kl_nontarget.batch import BatchHidden, head_tensors
+from kl_nontarget.config import NonTargetKLArguments
 from kl_nontarget.hook import NonTargetKLLossFunc, nontarget_kl_loss_func
 from kl_nontarget.integrations import check_sft_loss_type, liger_without_fused_loss, trainer_args
 from kl_nontarget.linear import default_chunk_size
 from kl_nontarget.options import RegularizerOptions, options_from
 from kl_nontarget.trainer import NonTargetKLMixin
 
-__all__ = ["NonTargetKLSFTTrainer", "nontarget_kl_loss_func", "NonTargetKLLossFunc"]
+__all__ = ["NonTargetKLSFTConfig", "NonTargetKLSFTTrainer", "nontarget_kl_loss_func", "NonTargetKLLossFunc"]
+
+
+@dataclass
+class NonTargetKLSFTConfig(NonTargetKLArguments, trl.SFTConfig):
+    """`trl.SFTConfig` with the non-target KL's fields: `kl_weight`, `kl_temperature`, `kl_direction`,
+    `kl_fused_linear`, `ref_model_name_or_path`, `ref_model_init_kwargs` (see `kl_nontarget.config`).
+
+    `NonTargetKLSFTTrainer(args=NonTargetKLSFTConfig(..., kl_weight=0.3))` reads its options from it. One difference
+    from SFTConfig: with `bf16` unset on a machine without a bf16-capable accelerator (and without `use_cpu`),
+    SFTConfig's default (bf16 on) would refuse to build; here bf16 is then off and the run trains in float32.
+    """
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16 and not self.use_cpu and not _bf16_device_available():
+            self.bf16 = False
+        super().__post_init__()
+
+
+def _bf16_device_available() -> bool:
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
 def _remove_fused_lm_head(model: nn.Module) -> None:
@@ -46,7 +73,9 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
     Args:
         *args, **kwargs: the usual `SFTTrainer` arguments, `peft_config=` included (SFTTrainer then wraps the model).
         kl_weight, temperature, kl_direction, ref_model, fused_linear, options: as for
-            `kl_nontarget.NonTargetKLTrainer`.
+            `kl_nontarget.NonTargetKLTrainer`; with `args=NonTargetKLSFTConfig(...)` they are read from `args` (a
+            `kl_nontarget.NonTargetKLConfig` is turned into a `NonTargetKLSFTConfig`, as SFTTrainer does with
+            TrainingArguments).
 
     Logs `ce_loss` and `nontarget_kl` next to SFT's `entropy`, `mean_token_accuracy` and `num_tokens` (on the
     fused-linear path the last two are computed from the hidden states in chunks). Only the "nll" loss type is
@@ -61,6 +90,7 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
                  ref_model_init_kwargs: dict | None = None, **kwargs):
         options = options_from(options, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
                                fused_linear=fused_linear, kl_target=kl_target)
+        args, kwargs = _sft_args(args, kwargs)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("NonTargetKLSFTTrainer computes its own loss; do not pass compute_loss_func (use "
                              "trl.SFTTrainer with compute_loss_func=nontarget_kl_loss_func(...) for the hook form)")
@@ -123,6 +153,22 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
             self._total_train_tokens += int(tokens) // getattr(self, "_tp_size", 1)
         if hasattr(self, "_total_train_tokens"):
             metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+def _sft_args(args: tuple, kwargs: dict):
+    """(args, kwargs) with a `NonTargetKLArguments` that is not an SFTConfig turned into a `NonTargetKLSFTConfig`:
+    SFTTrainer would rebuild it as a plain SFTConfig, which has no regularizer fields."""
+    positional = "args" not in kwargs and len(args) > 1
+    config = args[1] if positional else kwargs.get("args")
+    if not isinstance(config, NonTargetKLArguments) or isinstance(config, trl.SFTConfig):
+        return args, kwargs
+    values = config.to_dict()
+    values["hub_token"] = config.hub_token  # to_dict hides it
+    values.pop("push_to_hub_token", None)
+    config = NonTargetKLSFTConfig(**values)
+    if positional:
+        return (args[0], config, *args[2:]), kwargs
+    return args, {**kwargs, "args": config}
 
 
 def _logits_statistics(logits, labels, stats=None):

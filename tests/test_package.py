@@ -35,7 +35,7 @@ def test_console_script_prints_help():
 # import anything of the library (and itself); only the command line imports the demo.
 LEVELS = {
     "options": 0, "distributed": 0, "kernels": 0,
-    "torch_impl": 1, "triton_impl": 1,
+    "torch_impl": 1, "triton_impl": 1, "config": 1,
     "plumbing": 2,
     "loss": 3, "linear": 3,
     "base_model": 4, "batching": 4,
@@ -45,7 +45,9 @@ LEVELS = {
     "trainer": 8, "hook": 8, "retention": 8,
     "trl": 9, "callbacks": 9,
     "demo": 10,
-    "cli": 11,
+    "sft_data": 11, "sft_launch": 12,
+    "sft_cli": 13,
+    "cli": 14,
 }
 
 
