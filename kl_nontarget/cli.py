@@ -3,6 +3,7 @@
     kl-nontarget demo [--model toy|smollm2|PATH] [--out DIR] [--quick] [--seeds N] [--cache-dir DIR] [--threads N]
     kl-nontarget eval --adapter DIR --data FILE [--base MODEL] [--text-field text] [--max-length 512] ...
     kl-nontarget sft [--config FILE.yaml] [every `trl sft` option] [--kl_weight W] ...   (sft_cli.py)
+    kl-nontarget sweep [the sft options] [--kl_weights 0,0.1,0.3,1] [--baseline full_kl] ...   (sweep_cli.py)
 """
 
 import argparse
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands `sft` and everything after it to sft_cli (TRL's parser).
     sub.add_parser("sft", add_help=False, help="supervised fine-tuning with the non-target KL: `trl sft` plus "
                    "--kl_weight ...; takes --config FILE.yaml (kl-nontarget sft --help lists the options)")
+    sub.add_parser("sweep", add_help=False, help="the learning-vs-forgetting frontier on your model and data: plain "
+                   "LoRA and the non-target KL at several kl_weights (kl-nontarget sweep --help lists the options)")
 
     ev = sub.add_parser("eval",
                         help="forgetting of a saved adapter against its base on a local text or JSON-lines file",
@@ -192,6 +195,10 @@ def main(argv=None) -> int:
         from kl_nontarget.sft_cli import main as sft_main
 
         return sft_main(argv[1:])
+    if argv[:1] == ["sweep"]:
+        from kl_nontarget.sweep_cli import main as sweep_main
+
+        return sweep_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -68,10 +68,12 @@ class SFTParser(TrlParser):
         return super().set_defaults_with_config(**kwargs)
 
 
-def make_parser() -> SFTParser:
-    return SFTParser((SFTScriptArguments, NonTargetKLSFTConfig, SFTModelConfig, DatasetMixtureConfig), prog=PROG,
-                     description="Supervised fine-tuning with the non-target KL regularizer: `trl sft` plus "
-                     "--kl_weight and friends. Takes --config FILE.yaml like `trl sft`.")
+def make_parser(extra_types: tuple = (), prog: str = PROG, description: str | None = None) -> SFTParser:
+    """The parser of `kl-nontarget sft`; `extra_types`: more dataclasses (`kl-nontarget sweep` adds its own)."""
+    description = description or ("Supervised fine-tuning with the non-target KL regularizer: `trl sft` plus "
+                                  "--kl_weight and friends. Takes --config FILE.yaml like `trl sft`.")
+    return SFTParser((SFTScriptArguments, NonTargetKLSFTConfig, SFTModelConfig, DatasetMixtureConfig, *extra_types),
+                     prog=prog, description=description)
 
 
 @dataclass
@@ -85,11 +87,12 @@ class SFTRun:
     given: set  # field names set explicitly (command line or config file)
     launch_args: list = field(default_factory=list)  # `accelerate launch` options (config file and command line)
     launch_cli: list = field(default_factory=list)  # those given on the command line, as written there
+    extras: tuple = ()  # instances of make_parser's extra_types
 
 
-def parse_args(argv: list[str]) -> SFTRun:
+def parse_args(argv: list[str], extra_types: tuple = (), prog: str = PROG) -> SFTRun:
     """Parse a command line (with `--config`); InputError for unknown options and bad values."""
-    parser = make_parser()
+    parser = make_parser(extra_types, prog)
     config_path = None
     if "--config" in argv:
         position = argv.index("--config")
@@ -112,7 +115,8 @@ def parse_args(argv: list[str]) -> SFTRun:
     # What no dataclass took must be `accelerate launch`'s (as with `trl sft`): the run is then relaunched under it.
     launch = launch_arguments(config_rest, cli_rest, config_path, known=[a.dest for a in parser._actions])
     flags = {a.split("=", 1)[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
-    return SFTRun(*parsed, given=flags | set(parser.config_keys), launch_args=launch, launch_cli=cli_rest)
+    return SFTRun(*parsed[:4], given=flags | set(parser.config_keys), launch_args=launch, launch_cli=cli_rest,
+                  extras=tuple(parsed[4:]))
 
 
 def prepare(run: SFTRun, log=print):

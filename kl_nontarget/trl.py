@@ -59,7 +59,7 @@ def _bf16_device_available() -> bool:
     return is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
-def _remove_fused_lm_head(model: nn.Module) -> None:
+def remove_trl_patch(model: nn.Module) -> None:
     """Undo TRL's `add_fused_lm_head` instance patch (this trainer never calls `fused_lm_head=True`)."""
     model = unwrap_model(model)
     base = model.get_base_model() if is_peft_model(model) else model
@@ -102,7 +102,7 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
         check_sft_loss_type(getattr(self.args, "loss_type", "nll"))
         if getattr(self.args, "label_smoothing_factor", 0) > 0:
             raise ValueError("NonTargetKLSFTTrainer does not support label_smoothing_factor > 0")
-        _remove_fused_lm_head(self.model)
+        remove_trl_patch(self.model)
         if isinstance(ref_model, (str, os.PathLike)) and ref_model_init_kwargs is None:
             ref_model_init_kwargs = dict(getattr(self.args, "model_init_kwargs", None) or {})
         self._init_nontarget_kl(options, ref_model, ref_adapter_name=ref_adapter_name,

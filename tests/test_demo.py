@@ -10,8 +10,8 @@ from kl_nontarget import cli
 from kl_nontarget.demo import run_demo, tiny_config
 from kl_nontarget.demo.base import load_or_pretrain
 from kl_nontarget.demo.corpus import Grammar, build_tokenizer
-from kl_nontarget.demo.runs import FullKLTrainer, choose_baseline
 from kl_nontarget.demo.tasks import TASKS, answer_map, build_task, split_pairs
+from kl_nontarget.sweep.runs import FullKLTrainer, choose_baseline
 
 RUN_KEYS = {"task", "seed", "method", "kl_weight", "target_loss", "target_accuracy", "forgetting", "lf",
             "retention_ppl"}
@@ -137,7 +137,7 @@ def test_sweep_snapshot_equals_a_retrained_plain_lora_run(tmp_path):
     # The demo reuses the sweep's weights at the chosen step as the seed-0 plain-LoRA run: it must be that run.
     from kl_nontarget.demo.base import load_or_pretrain as _load
     from kl_nontarget.demo.data import loader
-    from kl_nontarget.demo.runs import ValidationCallback, finetune, lora_from_snapshot
+    from kl_nontarget.sweep.runs import ValidationCallback, finetune, lora_from_snapshot
 
     cfg = tiny_config()
     model, tok, grammar, _, _ = _load(cfg.base, 0, tmp_path, progress=False, log=lambda *a: None)

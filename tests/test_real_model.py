@@ -111,10 +111,11 @@ def trainer_loss_and_grads(trainer, model, batch):
 @needs_extra
 def test_trainer_on_the_real_model_base_pass_fused_logits_and_float64(checkpoint, tmp_path):
     from peft import LoraConfig, get_peft_model
-    from oracle import loss_reference
     from transformers import TrainingArguments
 
     from kl_nontarget.trainer import NonTargetKLTrainer
+
+    from oracle import loss_reference
 
     base, tok = load(checkpoint)
     torch.manual_seed(0)

@@ -24,10 +24,10 @@ import torch
 from kl_nontarget.demo.data import loader
 from kl_nontarget.demo.people import build_people_task
 from kl_nontarget.demo.probes import format_probes, run_probes
-from kl_nontarget.demo.runner import run_task, torch_threads, write_results
 from kl_nontarget.demo.samples import cached_base_text
 from kl_nontarget.metrics import forgetting_metrics
 from kl_nontarget.models import load_model
+from kl_nontarget.sweep.grid import run_task, torch_threads, write_results
 
 TASK = "people"
 

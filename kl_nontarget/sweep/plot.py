@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kl_nontarget.demo.report import aggregate
+from kl_nontarget.sweep.report import aggregate
 
 COLORS = {"lora": "black", "nontarget_kl": "tab:blue", "full_kl": "tab:orange"}
 LABELS = {"lora": "plain LoRA", "nontarget_kl": "+ non-target KL", "full_kl": "+ full-vocabulary KL"}

@@ -1,4 +1,4 @@
-"""One LoRA fine-tuning run of the demo, through the real Trainer classes, and its evaluation.
+"""One LoRA fine-tuning run of a sweep, through the real Trainer classes, and its evaluation.
 
 Methods:
 - `lora`: plain cross-entropy, `transformers.Trainer`;
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from kl_nontarget.demo.data import PadCollator, RowsDataset
-from kl_nontarget.demo.progress import TqdmCallback, quiet_trainer
+from kl_nontarget.batching import PadCollator, RowsDataset
 from kl_nontarget.metrics import evaluate_lm, forgetting_metrics
+from kl_nontarget.sweep.progress import TqdmCallback, quiet_trainer
 from kl_nontarget.trainer import NonTargetKLTrainer
 
 METHODS = ("lora", "nontarget_kl", "full_kl")
@@ -63,9 +63,9 @@ class ValidationCallback(TrainerCallback):
                                                  if p.requires_grad}
 
 
-def lora_from_snapshot(base_model, snapshot, seed, r=8, alpha=16):
+def lora_from_snapshot(base_model, snapshot, seed, r=8, alpha=16, target_modules=None):
     """A fresh LoRA model (same init as `finetune`) holding the adapter weights of a sweep snapshot."""
-    model = make_lora_model(base_model, seed, r, alpha)
+    model = make_lora_model(base_model, seed, r, alpha, target_modules)
     params = dict(model.named_parameters())
     missing = set(snapshot) - set(params)
     if missing:
@@ -77,22 +77,24 @@ def lora_from_snapshot(base_model, snapshot, seed, r=8, alpha=16):
     return model
 
 
-def make_lora_model(base_model, seed, r=8, alpha=16):
+def make_lora_model(base_model, seed, r=8, alpha=16, target_modules=None):
+    """A LoRA copy of `base_model`, initialised from `seed` (the same init for every run of a seed)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules or LORA_TARGETS,
+                        task_type="CAUSAL_LM")
     return get_peft_model(copy.deepcopy(base_model), config)
 
 
 def finetune(base_model, train_rows, pad_id, *, method, kl_weight, lr, steps, seed, batch_size, lora_r=8,
-             lora_alpha=16, callbacks=(), desc="run", progress=True):
+             lora_alpha=16, lora_targets=None, callbacks=(), desc="run", progress=True):
     """Trains a fresh LoRA adapter on `train_rows` and returns the PEFT model."""
     from transformers import Trainer, TrainingArguments
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    model = make_lora_model(base_model, seed, lora_r, lora_alpha)
+    model = make_lora_model(base_model, seed, lora_r, lora_alpha, lora_targets)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=steps,
                                  learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
