@@ -139,7 +139,7 @@ def evaluate_adapter(adapter, data, *, base=None, tokenizer=None, text_field="te
     base = base or peft_config.base_model_name_or_path
     if not base:
         raise ValueError(f"the adapter config in {adapter} names no base model; pass --base")
-    base = resolve_model(base, cache_dir, log=lambda *a: None)
+    base = resolve_model(base, cache_dir, log=lambda msg: print(msg, file=sys.stderr) if progress else None)
     if tokenizer is None:
         tokenizer = adapter if (Path(adapter) / "tokenizer_config.json").exists() else base
     tok = AutoTokenizer.from_pretrained(tokenizer)

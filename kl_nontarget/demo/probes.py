@@ -30,7 +30,7 @@ def run_probes(model, tokenizer, probes=PROBES, max_new_tokens: int = 24):
 
 
 def format_probes(results) -> str:
-    """The probe table: the base's answers, then each run's (seed 0), a check or cross for each probe."""
+    """The probe table: the base's answers, then a check or cross per probe for every run (every seed)."""
     base = results["base"].get("probes")
     if not base:
         return ""
