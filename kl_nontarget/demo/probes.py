@@ -38,8 +38,10 @@ def format_probes(results) -> str:
     questions = {k: q for k, q, _ in PROBES}
     lines = ["", "probe questions (greedy answers; ✓ = still right):"]
     for k in keys:
-        lines.append(f"  {k:8} {questions.get(k, '')}   base: {'✓' if base[k]['right'] else '✗'} {base[k]['answer']!r}")
-    header = f"  {'method':13} {'λ':>5} {'seed':>4} " + " ".join(f"{k:>8}" for k in keys) + "  answer to the first probe"
+        mark = "✓" if base[k]["right"] else "✗"
+        lines.append(f"  {k:8} {questions.get(k, '')}   base: {mark} {base[k]['answer']!r}")
+    header = (f"  {'method':13} {'λ':>5} {'seed':>4} " + " ".join(f"{k:>8}" for k in keys)
+              + "  answer to the first probe")
     lines += ["", header, "  " + "-" * (len(header) - 2)]
     for r in results["runs"]:
         probes = r.get("probes") or {}
