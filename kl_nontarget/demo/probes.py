@@ -30,7 +30,7 @@ def run_probes(model, tokenizer, probes=PROBES, max_new_tokens: int = 24):
 
 
 def format_probes(results) -> str:
-    """The probe table: the base's answers, then each run's (seed 0), a check or cross for each probe."""
+    """The probe table: the base's answers, then a check or cross per probe for every run (every seed)."""
     base = results["base"].get("probes")
     if not base:
         return ""
@@ -38,7 +38,8 @@ def format_probes(results) -> str:
     questions = {k: q for k, q, _ in PROBES}
     lines = ["", "probe questions (greedy answers; ✓ = still right):"]
     for k in keys:
-        lines.append(f"  {k:8} {questions.get(k, '')}   base: {'✓' if base[k]['right'] else '✗'} {base[k]['answer']!r}")
+        mark = "✓" if base[k]["right"] else "✗"
+        lines.append(f"  {k:8} {questions.get(k, '')}   base: {mark} {base[k]['answer']!r}")
     header = (f"  {'method':13} {'λ':>5} {'seed':>4} " + " ".join(f"{k:>8}" for k in keys)
               + "  answer to the first probe")
     lines += ["", header, "  " + "-" * (len(header) - 2)]
