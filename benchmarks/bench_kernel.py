@@ -356,6 +356,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed calls; the median is reported (default 20 GPU, 3 CPU)")
     p.add_argument("--bandwidth", type=float, default=None, help="peak bandwidth in GB/s instead of measuring it")
     p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--block", type=int, default=None,
+                   help="cap of the Triton kernel's vocabulary block (a power of two; default: the launcher's)")
     p.add_argument("--hidden", type=int, default=None,
                    help="hidden size d of the fused-linear rows (default 4096 on GPU, 64 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
@@ -370,6 +372,8 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.block is not None and (args.block < 16 or args.block & (args.block - 1)):
+        p.error(f"--block must be a power of two >= 16, got {args.block}")
     cpu = args.device == "cpu"
     if args.quick:
         grid = QUICK_CPU if cpu else QUICK_GPU
@@ -401,6 +405,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     # The Triton interpreter's numpy ops warn on the -inf arithmetic the kernel masks out afterwards.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\..*")
+    if args.block:  # compare block sizes without editing the launcher
+        from kl_nontarget import triton_impl
+
+        cap = args.block
+        triton_impl.default_block_size = lambda v, dtype: min(1 << max(v - 1, 0).bit_length(), cap)
     if args.bandwidth:
         bw, bw_source = args.bandwidth, "given (--bandwidth)"
     else:
@@ -423,7 +432,7 @@ def main(argv=None):
         print(line)
     if not args.no_save:
         meta = {"kernel_meta": {"bandwidth_gbps": bw, "bandwidth_source": bw_source, "warmup": args.warmup,
-                                "reps": args.reps, "kl_weight": args.kl_weight,
+                                "reps": args.reps, "kl_weight": args.kl_weight, "block_cap": args.block,
                                 "memory": ("torch.cuda.max_memory_allocated after reset_peak_memory_stats"
                                            if args.device == "cuda" else C.cpu_memory_method()),
                                 "threads": torch.get_num_threads()}}

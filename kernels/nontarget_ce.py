@@ -14,6 +14,16 @@ subtracted afterwards: `1 - p_y` is never formed, so the non-target distribution
 token holds all the mass. Maxima are taken on the raw logits and differences `x - max` are formed before the
 1/T scaling, so logits of +-1e4 lose nothing to cancellation.
 
+Loads are masked by `offs < V` only and the gold entry is replaced after the load (`tl.where`): a mask that also
+depends on the label would stop the compiler from proving a vector of entries all-in or all-out, and every load
+would be a scalar one. With a row stride and V divisible by 16 the loops issue 128-bit loads and stores
+(`benchmarks/kernel_report.py` checks the compiled code).
+
+Non-finite inputs: `-inf` means "masked" (probability 0). A NaN or `+inf` anywhere in a supervised row of z or b
+(the gold entry included) makes that row's cross-entropy and KL NaN and its gradient row NaN. It is detected
+without extra work per entry: such an entry turns the row's exp-sums into NaN (exp(NaN), or inf - inf once the max
+is +inf), and the gold entries are checked on their own.
+
 The kernel is pure: no torch.autograd, no models. `kl_nontarget.loss` launches it.
 """
 
@@ -33,6 +43,14 @@ def _log1p(x):
     # log(1 + x) without losing x when it is tiny (Goldberg's trick); Triton has no portable log1p.
     u = 1.0 + x
     return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _fill_row(g_row, V, value: tl.constexpr, BLOCK_V: tl.constexpr):
+    # The gradient row of a row with no gradient (ignored: zeros) or no defined loss (non-finite input: NaN).
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        tl.store(g_row + offs, tl.full([BLOCK_V], value, dtype=g_row.dtype.element_ty), mask=offs < V)
 
 
 @triton.jit
@@ -61,9 +79,7 @@ def nontarget_ce_kernel(
         tl.store(ce_ptr + row, 0.0)
         tl.store(kl_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=g_row.dtype.element_ty), mask=offs < V)
+            _fill_row(g_row, V, 0.0, BLOCK_V)
     else:
         # ---- pass 1: statistics of the non-target entries -------------------------------------------------
         m_z = tl.full([], NEG_INF, tl.float32)   # max of z over j != y
@@ -75,16 +91,18 @@ def nontarget_ce_kernel(
         w = tl.zeros([], tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            keep = (offs < V) & (offs != y)
-            z = tl.load(z_row + offs, mask=keep, other=NEG_INF).to(tl.float32)
-            b = tl.load(b_row + offs, mask=keep, other=NEG_INF).to(tl.float32)
+            in_row = offs < V
+            is_gold = offs == y
+            z = tl.load(z_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+            b = tl.load(b_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+            z = tl.where(is_gold, NEG_INF, z)
+            b = tl.where(is_gold, NEG_INF, b)
 
             m_z_new = tl.maximum(m_z, tl.max(z, axis=0))
             m_b_new = tl.maximum(m_b, tl.max(b, axis=0))
             dz = z - _safe(m_z_new)
             db = b - _safe(m_b_new)
             alpha_z = tl.exp(m_z - _safe(m_z_new))
-            alpha_b = tl.exp(m_b - _safe(m_b_new))
 
             e_z1 = tl.exp(dz)
             if SCALED:
@@ -112,11 +130,16 @@ def nontarget_ce_kernel(
 
         # ---- cross-entropy: logsumexp_all(z) - z_y = softplus(L(z) - z_y), L = non-target logsumexp -------
         z_y = tl.load(z_row + y).to(tl.float32)
+        b_y = tl.load(b_row + y).to(tl.float32)
+        # NaN or +inf anywhere in the row: the exp-sums are NaN then (see the module docstring), or it is at gold.
+        bad = (s_z1 != s_z1) | (s_bt != s_bt) | (z_y != z_y) | (z_y == float("inf")) | (b_y != b_y) | (
+            b_y == float("inf"))
         log_s_z1 = tl.log(s_z1)
         lz1 = m_z + log_s_z1                         # L(z), -inf when every non-target entry is -inf
         x = lz1 - z_y
         ce = tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
         ce = tl.where(lz1 == NEG_INF, 0.0, ce)
+        ce = tl.where(bad, float("nan"), ce)
         tl.store(ce_ptr + row, ce)
 
         # ---- non-target KL at temperature T -------------------------------------------------------------
@@ -136,44 +159,49 @@ def nontarget_ce_kernel(
             kl = tl.where(has_q, kl, float("inf"))
             kl = tl.where(has_p, kl, 0.0)
         kl = tl.maximum(kl, 0.0)  # rounding can leave a tiny negative; KL is never below 0
+        kl = tl.where(bad, float("nan"), kl)
         tl.store(kl_ptr + row, kl)
 
         # ---- pass 2: the gradient -----------------------------------------------------------------------
         if COMPUTE_GRAD:
-            scale = tl.load(grad_scale_ptr).to(tl.float32)
-            # logsumexp over all entries, anchored at M = max(m_z, z_y) so a dominant gold logit cannot overflow.
-            big = tl.maximum(m_z, z_y)
-            s_all = s_z1 * tl.exp(m_z - big) + tl.exp(z_y - big)
-            ms_z = _safe(m_z)
-            # softmax(z)_j = exp(dz_j + log_soft), dz_j = z_j - m_z. Never form z_j - logsumexp(z) directly:
-            # at |z| ~ 1e4 the float32 logsumexp alone carries an error of ~1e-3.
-            log_soft = (ms_z - big) - tl.log(s_all)
-            # softmax(z)_y - 1 = -(mass off the gold entry), computed without cancellation.
-            g_gold = -(s_z1 * tl.exp(m_z - big) / s_all)
-            c = kl_weight * temp  # d(T^2 KL_T)/dz = T * dKL_T/dz_T
-            ms_b = _safe(m_b)
-            inv_s_zt = tl.where(has_q, 1.0 / s_zt, 0.0)
-            inv_s_bt = tl.where(has_p, 1.0 / s_bt, 0.0)
-            for start in range(0, V, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                in_row = offs < V
-                keep = in_row & (offs != y)
-                z = tl.load(z_row + offs, mask=keep, other=NEG_INF).to(tl.float32)
-                b = tl.load(b_row + offs, mask=keep, other=NEG_INF).to(tl.float32)
-                dz = z - ms_z
-                g = tl.exp(dz + log_soft)                        # softmax(z), 0 at the gold entry
-                if SCALED:
-                    q = tl.exp(dz * inv_temp) * inv_s_zt
-                else:
-                    q = tl.exp(dz) * inv_s_zt
-                p = tl.exp((b - ms_b) * inv_temp) * inv_s_bt
-                if REVERSE:
-                    # d KL(q||p) / dz_T = q (log q - log p - KL); entries with q = 0 contribute 0.
-                    log_ratio = (dz - (b - ms_b)) * inv_temp - log_s_zt + log_s_bt
-                    dkl = tl.where(q > 0, q * (log_ratio - kl), 0.0)
-                    dkl = tl.where(has_p, dkl, 0.0)
-                else:
-                    dkl = q - p
-                g = g + c * dkl
-                g = tl.where(offs == y, g_gold, g)
-                tl.store(g_row + offs, (g * scale).to(g_row.dtype.element_ty), mask=in_row)
+            if bad:
+                _fill_row(g_row, V, float("nan"), BLOCK_V)
+            else:
+                scale = tl.load(grad_scale_ptr).to(tl.float32)
+                # logsumexp over all entries, anchored at M = max(m_z, z_y) so a dominant gold logit cannot overflow.
+                big = tl.maximum(m_z, z_y)
+                s_all = s_z1 * tl.exp(m_z - big) + tl.exp(z_y - big)
+                ms_z = _safe(m_z)
+                # softmax(z)_j = exp(dz_j + log_soft), dz_j = z_j - m_z. Never form z_j - logsumexp(z) directly:
+                # at |z| ~ 1e4 the float32 logsumexp alone carries an error of ~1e-3.
+                log_soft = (ms_z - big) - tl.log(s_all)
+                # softmax(z)_y - 1 = -(mass off the gold entry), computed without cancellation.
+                g_gold = -(s_z1 * tl.exp(m_z - big) / s_all)
+                c = kl_weight * temp  # d(T^2 KL_T)/dz = T * dKL_T/dz_T
+                ms_b = _safe(m_b)
+                # KL is 0 by definition (a constant) when base has no non-target mass: no KL gradient then.
+                inv_s_zt = tl.where(has_q & has_p, 1.0 / s_zt, 0.0)
+                inv_s_bt = tl.where(has_p, 1.0 / s_bt, 0.0)
+                for start in range(0, V, BLOCK_V):
+                    offs = start + tl.arange(0, BLOCK_V)
+                    in_row = offs < V
+                    # The gold entry is not masked here: whatever its lanes compute is replaced by g_gold below.
+                    z = tl.load(z_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+                    b = tl.load(b_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+                    dz = z - ms_z
+                    g = tl.exp(dz + log_soft)                        # softmax(z) off the gold entry
+                    if SCALED:
+                        q = tl.exp(dz * inv_temp) * inv_s_zt
+                    else:
+                        q = tl.exp(dz) * inv_s_zt
+                    p = tl.exp((b - ms_b) * inv_temp) * inv_s_bt
+                    if REVERSE:
+                        # d KL(q||p) / dz_T = q (log q - log p - KL); entries with q = 0 contribute 0.
+                        log_ratio = (dz - (b - ms_b)) * inv_temp - log_s_zt + log_s_bt
+                        dkl = tl.where(q > 0, q * (log_ratio - kl), 0.0)
+                        dkl = tl.where(has_p, dkl, 0.0)
+                    else:
+                        dkl = q - p
+                    g = g + c * dkl
+                    g = tl.where(offs == y, g_gold, g)
+                    tl.store(g_row + offs, (g * scale).to(g_row.dtype.element_ty), mask=in_row)

@@ -126,8 +126,8 @@ def check_reference(model: nn.Module, ref_model: nn.Module | None = None) -> Non
     model = unwrap_model(model)
     if ref_model is not None:
         if not isinstance(ref_model, nn.Module):
-            raise TypeError(f"ref_model must be a torch.nn.Module (a frozen copy of the base model), got "
-                            f"{type(ref_model).__name__}")
+            raise TypeError(f"ref_model must be a torch.nn.Module (a frozen copy of the base model) or a model name "
+                            f"or path, got {type(ref_model).__name__}")
         if unwrap_model(ref_model) is model:
             raise ValueError("ref_model is the model being trained; pass a separate, frozen copy of the base model "
                              "(or ref_model=None to use the PEFT model with its adapters disabled)")
@@ -240,6 +240,28 @@ def adapters_disabled(model: nn.Module):
                     layer.enable_adapters(True)
 
 
+@contextlib.contextmanager
+def adapter_activated(model: nn.Module, adapter_name: str):
+    """Run the enclosed code on the PeftModel `model` with adapter `adapter_name` active instead of the trained one,
+    in eval mode, restoring the active adapter, every requires_grad flag and every module's mode afterwards.
+
+    The base pass with a reference adapter (`ref_adapter_name`): PEFT's `set_adapter` marks the adapter it activates
+    trainable, so the flags are saved and restored as for `adapters_disabled`.
+    """
+    model = unwrap_model(model)
+    if not is_peft_model(model):
+        raise ValueError(f"ref_adapter_name needs a peft.PeftModel, got {type(model).__name__}")
+    check_merged(model)
+    previous = model.active_adapter
+    with _saved_state(model):
+        model.eval()
+        model.set_adapter(adapter_name)
+        try:
+            yield
+        finally:
+            model.set_adapter(previous)
+
+
 def autocast_state(device_type: str):
     """(enabled, dtype) of autocast on `device_type` now, to replay around a later base pass."""
     try:
@@ -258,18 +280,40 @@ def autocast_like(device_type: str, state) -> contextlib.AbstractContextManager:
 
 def base_forward(model: nn.Module, forward_kwargs: dict, *, ref_model: nn.Module | None = None,
                  forward_args: tuple = (), unwrapped: nn.Module | None = None,
-                 context: contextlib.AbstractContextManager | None = None) -> Any:
+                 context: contextlib.AbstractContextManager | None = None, ref_adapter_name: str | None = None) -> Any:
     """Outputs of the base model on the given forward inputs, without gradient.
 
     With `ref_model`, that model is called. Otherwise `model` (possibly wrapped, e.g. by DDP) is called with its
-    adapters disabled; the adapters are found on `unwrapped` (default: `model` without DDP wrappers). `context`
-    (e.g. the autocast of mixed precision) is entered around the call so both passes run at the same precision.
+    adapters disabled, or with the adapter `ref_adapter_name` active instead of the trained one; the adapters are
+    found on `unwrapped` (default: `model` without DDP wrappers). `context` (e.g. the autocast of mixed precision) is
+    entered around the call so both passes run at the same precision. A `torch.compile`d model is called through
+    its original module: a compiled graph does not see the adapters being switched off.
     """
     with torch.no_grad(), (context if context is not None else contextlib.nullcontext()):
         if ref_model is not None:
             return ref_model(*forward_args, **forward_kwargs)
-        with adapters_disabled(unwrapped if unwrapped is not None else model):
-            return model(*forward_args, **forward_kwargs)
+        owner = unwrapped if unwrapped is not None else model
+        switched = adapter_activated(owner, ref_adapter_name) if ref_adapter_name else adapters_disabled(owner)
+        with switched:
+            return uncompiled(model)(*forward_args, **forward_kwargs)
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """`model` without an outer `torch.compile` wrapper (other wrappers stay)."""
+    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether `model`, or a module it wraps (DDP, DataParallel), is a `torch.compile`d module."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            return True
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return False
 
 
 
@@ -286,6 +330,22 @@ def device_of(model: nn.Module, default: torch.device | None = _CPU) -> torch.de
 def to_device(kwargs: dict, device: torch.device) -> dict:
     """`kwargs` with every tensor moved to `device`."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def patched_forward(model: nn.Module):
+    """The forward patched onto the transformers model's instance (Liger's fused-loss forward, ...), or None.
+
+    Not counted: TRL's `fused_lm_head` patch (it leaves ordinary calls alone) and accelerate's mixed-precision wrapper
+    around the class's own forward (`prepare_model` on a reference model; it only adds autocast).
+    """
+    base = transformers_model(model)
+    patched = base.__dict__.get("forward")
+    if patched is None or is_trl_fused_forward(patched):
+        return None
+    original = base.__dict__.get("_original_forward")
+    if original is not None and getattr(original, "__func__", None) is type(base).forward:
+        return None
+    return patched
 
 
 def is_trl_fused_forward(func) -> bool:

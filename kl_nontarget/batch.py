@@ -20,15 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kl_nontarget.base_model import base_forward, device_of, to_device, transformers_model
+from kl_nontarget.base_model import base_forward, device_of, patched_forward, to_device, transformers_model
 from kl_nontarget.linear import nontarget_kl_linear_loss
 from kl_nontarget.lm_head import LinearHead, head_input_captured, head_weights
 from kl_nontarget.options import RegularizerOptions
 
 IGNORE_INDEX = -100
 
-# Batch keys that are targets or loss arguments, never forward inputs of the base pass.
-_LOSS_KEYS = ("labels", "shift_labels", "num_items_in_batch", "return_loss", "logits_to_keep")
+# Batch keys that are targets or loss arguments, never forward inputs of the base pass. `skip_logits`: the Trainer
+# adds it in loss-only evaluation with `use_liger_kernel`, for Liger's fused-loss forward, which needs the labels.
+_LOSS_KEYS = ("labels", "shift_labels", "num_items_in_batch", "return_loss", "logits_to_keep", "skip_logits")
 
 
 def shifted_labels(inputs: dict, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,8 +62,11 @@ def supports_logits_mask(model: nn.Module) -> bool:
 
     True when the model's forward takes `logits_to_keep` and its modeling module slices with transformers'
     `slice_logits_to_keep` that accepts boolean masks (transformers >= 5.21). Older versions fall back to slicing the
-    full logits.
+    full logits. False for an instance whose forward is patched (Liger's fused-loss forward slices the hidden states
+    with `logits_to_keep` itself and takes an integer only).
     """
+    if patched_forward(model) is not None:
+        return False
     base = transformers_model(model)
     cls = type(base)
     if cls not in _MASK_SUPPORT:
@@ -120,7 +124,8 @@ def compute_batch_logits(model: nn.Module, inputs: dict, *, ref_model: nn.Module
                          unwrapped: nn.Module | None = None, adapted_outputs: Any = None,
                          labels: torch.Tensor | None = None, forward_args: tuple = (),
                          use_logits_mask: bool = True,
-                         base_context: contextlib.AbstractContextManager | None = None) -> BatchLogits:
+                         base_context: contextlib.AbstractContextManager | None = None,
+                         ref_adapter_name: str | None = None) -> BatchLogits:
     """Run the adapted pass (unless `adapted_outputs` is given) and the base pass on one batch.
 
     Args:
@@ -136,6 +141,7 @@ def compute_batch_logits(model: nn.Module, inputs: dict, *, ref_model: nn.Module
         base_context: a context entered around the base pass only: mixed-precision autocast when the base model is
             not called through the same accelerate wrapper as the adapted one (a `ref_model`, or a hook on the inner
             model).
+        ref_adapter_name: a PEFT adapter of `model` to run the base pass with, instead of disabling the adapters.
 
     Returns:
         A `BatchLogits` whose rows are the positions with a supervised next token (labels[:, 1:] != -100).
@@ -161,7 +167,7 @@ def compute_batch_logits(model: nn.Module, inputs: dict, *, ref_model: nn.Module
     else:
         base_mask = mask
     base_outputs = base_forward(model, base_kwargs, ref_model=ref_model, forward_args=forward_args,
-                                unwrapped=unwrapped, context=base_context)
+                                unwrapped=unwrapped, context=base_context, ref_adapter_name=ref_adapter_name)
     ref_logits = select_logits(_logits_of(base_outputs), base_mask,
                                source="ref_model" if ref_model is not None else "the base model")
     if ref_logits.shape[-1] != logits.shape[-1]:
@@ -226,7 +232,8 @@ def compute_batch_hidden(model: nn.Module, inputs: dict, heads: tuple[LinearHead
                          labels: torch.Tensor | None = None, forward_args: tuple = (),
                          base_context: contextlib.AbstractContextManager | None = None,
                          adapted_hidden: torch.Tensor | None = None, adapted_autocast: tuple = (False, None),
-                         adapted_outputs: Any = None, base_hidden: torch.Tensor | None = None) -> BatchHidden:
+                         adapted_outputs: Any = None, ref_adapter_name: str | None = None,
+                         base_hidden: torch.Tensor | None = None) -> BatchHidden:
     """`compute_batch_logits` for the fused-linear path: final hidden states of both passes instead of logits.
 
     `heads` comes from `fused_heads(model, ref_model)`. `adapted_hidden` (B, T, d) and `adapted_autocast` are the
@@ -247,7 +254,8 @@ def compute_batch_hidden(model: nn.Module, inputs: dict, heads: tuple[LinearHead
     hidden = select_hidden(adapted_hidden, mask, source="the model")
     if base_hidden is None:
         ref_hidden, _ = _base_hidden(model, kwargs, mask, ref_head, ref_model=ref_model, unwrapped=unwrapped,
-                                     forward_args=forward_args, base_context=base_context)
+                                     forward_args=forward_args, base_context=base_context,
+                                     ref_adapter_name=ref_adapter_name)
     elif base_hidden.shape != hidden.shape:
         raise ValueError(f"base_hidden has shape {tuple(base_hidden.shape)}, but the batch has {hidden.shape[0]} "
                          f"supervised positions of hidden size {hidden.shape[-1]}")
@@ -258,7 +266,8 @@ def compute_batch_hidden(model: nn.Module, inputs: dict, heads: tuple[LinearHead
                        ref_head=ref_head, autocast=adapted_autocast, outputs=adapted_outputs)
 
 
-def _base_hidden(model, kwargs, mask, ref_head, *, ref_model, unwrapped, forward_args=(), base_context=None):
+def _base_hidden(model, kwargs, mask, ref_head, *, ref_model, unwrapped, forward_args=(), base_context=None,
+                 ref_adapter_name=None):
     """(base final hidden states at the True positions of `mask`, autocast state at the base model's head)."""
     base_kwargs, base_mask = kwargs, mask
     if ref_model is not None:
@@ -267,7 +276,7 @@ def _base_hidden(model, kwargs, mask, ref_head, *, ref_model, unwrapped, forward
     source = "ref_model" if ref_model is not None else "the base model"
     with head_input_captured(ref_head.module) as capture:
         base_forward(model, base_kwargs, ref_model=ref_model, forward_args=forward_args, unwrapped=unwrapped,
-                     context=base_context)
+                     context=base_context, ref_adapter_name=ref_adapter_name)
         autocast = capture.autocast
         hidden = capture.take(source)
     return select_hidden(hidden, base_mask, source=source), autocast

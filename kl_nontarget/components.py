@@ -7,6 +7,8 @@ each batch by its size, like `eval_loss`. The trainer gathers the sums across ra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 MODES = ("train", "eval")
@@ -45,3 +47,40 @@ class ComponentLog:
     def window_steps(self, global_step: int) -> int:
         """Optimizer steps since the training window opened (0 when none is open)."""
         return 0 if self.window_start is None else global_step - self.window_start
+
+
+Gather = Callable[[object], torch.Tensor]  # a value -> a 1-D tensor of its values on every rank
+
+
+def train_logs(log: ComponentLog, global_step: int, gather: Gather, name: str = "nontarget_kl") -> dict:
+    """`{"ce_loss", name}`: the training window's means (over its optimizer steps and the ranks), and close the
+    window; empty when no window is open."""
+    steps = log.window_steps(global_step)
+    if steps <= 0:
+        return {}
+    sums = log.sums("train")
+    values = {"ce_loss": gather(sums["ce"]).mean().item() / steps, name: gather(sums["kl"]).mean().item() / steps}
+    log.reset("train")
+    return values
+
+
+def eval_metrics(log: ComponentLog, gather: Gather, prefix: str = "eval", name: str = "nontarget_kl") -> dict:
+    """`{f"{prefix}_ce_loss", f"{prefix}_{name}"}`: the evaluation's batch-size weighted means over the ranks (empty
+    when nothing was recorded); the evaluation sums are reset."""
+    sums = log.sums("eval")
+    log.reset("eval")
+    total = gather(sums["weight"]).sum().item()
+    if total <= 0:
+        return {}
+    return {f"{prefix}_ce_loss": gather(sums["ce"]).sum().item() / total,
+            f"{prefix}_{name}": gather(sums["kl"]).sum().item() / total}
+
+
+def accelerator_gather(accelerator, device) -> Gather:
+    """A `Gather` through an accelerate `Accelerator` (no communication in a single process)."""
+
+    def gather(value):
+        value = torch.as_tensor(value, dtype=torch.float32, device=device).reshape(1)
+        return accelerator.gather(value) if accelerator.num_processes > 1 else value
+
+    return gather

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kl_nontarget.base_model import autocast_state, is_trl_fused_forward, transformers_model
+from kl_nontarget.base_model import autocast_state, patched_forward, transformers_model
 from kl_nontarget.linear import head_logits
 from kl_nontarget.options import FUSED_LINEAR_OPTIONS, is_positive_number
 
@@ -98,9 +98,8 @@ def linear_head(model: nn.Module) -> tuple[LinearHead | None, str]:
                       f"({', '.join(sorted(HEAD_TRANSFORMS))})")
     if getattr(cls.forward, "__module__", None) != cls.__module__:
         return None, f"{cls.__name__}.forward is patched (by {getattr(cls.forward, '__module__', '?')})"
-    patched = base.__dict__.get("forward")
-    if patched is not None and not is_trl_fused_forward(patched):
-        return None, f"the forward of this {cls.__name__} instance is patched"
+    if patched_forward(base) is not None:
+        return None, f"the forward of this {cls.__name__} instance is patched (Liger's fused loss, ...)"
     try:
         head = base.get_output_embeddings()
     except (AttributeError, NotImplementedError):

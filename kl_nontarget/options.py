@@ -40,6 +40,16 @@ def check_regularizer_options(kl_weight, temperature, kl_direction) -> None:
         raise ValueError(f"kl_direction must be one of {DIRECTIONS}, got {kl_direction!r}")
 
 
+def check_kl_target(kl_target) -> None:
+    """ValueError unless `kl_target` is None or a finite number > 0."""
+    if kl_target is None:
+        return
+    if isinstance(kl_target, bool) or not isinstance(kl_target, Real) or not math.isfinite(kl_target) \
+            or kl_target <= 0:
+        raise ValueError("kl_target must be a finite number > 0 (the non-target KL per token to aim for) or None, "
+                         f"got {kl_target!r}")
+
+
 def is_positive_number(value) -> bool:
     """Whether `value` is a finite real number > 0 (bools excluded)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
@@ -77,6 +87,9 @@ class RegularizerOptions:
             refuses to train when the cache cannot apply; "auto" warns and runs the base pass at every step.
         base_cache_dir: folder of those caches (default: `base_hidden` in `$KL_NONTARGET_CACHE`, else
             in `~/.cache/kl-nontarget`).
+        kl_target: None (default) keeps `kl_weight` fixed. A number > 0 makes the weight adaptive: it starts at
+            `kl_weight` (which must then be > 0) and is steered after every step so that the non-target KL per token
+            tracks `kl_target` (`kl_nontarget.adaptive`).
 
     Raises TypeError/ValueError at construction for a bad value; numbers are stored as floats.
     """
@@ -87,6 +100,7 @@ class RegularizerOptions:
     fused_linear: FusedLinear = "auto"
     precompute_base: PrecomputeBase = False
     base_cache_dir: str | None = None
+    kl_target: float | None = None
 
     def __post_init__(self):
         check_fused_linear(self.fused_linear)
@@ -94,6 +108,12 @@ class RegularizerOptions:
         if self.base_cache_dir is not None:
             object.__setattr__(self, "base_cache_dir", os.fspath(self.base_cache_dir))
         check_regularizer_options(self.kl_weight, self.temperature, self.kl_direction)
+        check_kl_target(self.kl_target)
+        if self.kl_target is not None:
+            if not self.kl_weight > 0:
+                raise ValueError("kl_target makes kl_weight adaptive by multiplying it at every step: start it above 0 "
+                                 f"(got kl_weight={self.kl_weight!r})")
+            object.__setattr__(self, "kl_target", float(self.kl_target))
         # Normalised once here, so every consumer sees plain floats (ints and numpy scalars are accepted above).
         object.__setattr__(self, "kl_weight", float(self.kl_weight))
         object.__setattr__(self, "temperature", float(self.temperature))
@@ -113,8 +133,11 @@ class RegularizerOptions:
 
     @classmethod
     def from_object(cls, source, **overrides) -> RegularizerOptions:
-        """Options read from the attributes of `source` named like the fields (for example a config dataclass that
-        extends `TrainingArguments`); fields `source` lacks keep their defaults, `overrides` win."""
+        """Options read from the attributes of `source` named like the fields; fields `source` lacks keep their
+        defaults, `overrides` win. A source with a `regularizer_options()` method (the config classes of
+        `kl_nontarget.config`, whose fields are named apart from TRL's, e.g. `kl_temperature`) is asked instead."""
+        if callable(getattr(source, "regularizer_options", None)):
+            return source.regularizer_options().replace(**overrides)
         values = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if hasattr(source, f.name)}
         return cls(**{**values, **overrides})
 
@@ -129,7 +152,10 @@ class UsesRegularizerOptions:
     options: RegularizerOptions
 
     def _replace_options(self, **changes) -> None:
-        current = self.__dict__.get("options")
+        try:
+            current = self.options
+        except AttributeError:  # none held yet
+            current = None
         self.options = (current if current is not None else RegularizerOptions()).replace(**changes)
 
     @property
@@ -171,6 +197,14 @@ class UsesRegularizerOptions:
     @precompute_base.setter
     def precompute_base(self, value: PrecomputeBase) -> None:
         self._replace_options(precompute_base=value)
+
+    @property
+    def kl_target(self) -> float | None:
+        return self.options.kl_target
+
+    @kl_target.setter
+    def kl_target(self, value: float | None) -> None:
+        self._replace_options(kl_target=value)
 
 
 def options_from(options: RegularizerOptions | None = None, **keywords) -> RegularizerOptions:

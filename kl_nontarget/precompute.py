@@ -52,6 +52,8 @@ def static_blocker(trainer) -> str | None:
         import pyarrow  # noqa: F401
     except ImportError:
         return "the cache is stored with the `datasets` package, which is not installed"
+    if getattr(trainer, "ref_adapter_name", None) is not None:
+        return "the reference is an adapter (ref_adapter_name), which the cache does not support yet"
     if trainer._overrides_regularized_loss():
         return f"{type(trainer).__name__} overrides compute_regularized_loss, which needs the base logits"
     unwrapped = unwrap_model(trainer.model)

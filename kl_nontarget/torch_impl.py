@@ -3,7 +3,8 @@
 Same contract as the Triton launcher in `kl_nontarget.loss`: per-row cross-entropy and non-target KL (float32, or
 float64 for float64 inputs) and, when asked, the gradient of `ce + kl_weight * T^2 * kl` times `grad_scale`, in
 the logits' dtype. Rows are processed in chunks so the temporaries stay a few chunk x V tensors; the only N x V
-allocation is the gradient itself. Ignored rows are skipped entirely (their gradient rows are 0).
+allocation is the gradient itself. Ignored rows are skipped entirely (their gradient rows are 0). A NaN or +inf
+anywhere in a supervised row makes its statistics and gradient row NaN, as in the kernel; -inf means probability 0.
 
 On a CPU the time goes into full passes over chunk x V tensors (and, with several threads, into one OpenMP
 barrier per op): the code keeps their number low. `grad_scale` is folded into per-row factors, the forward
@@ -35,6 +36,7 @@ def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtyp
     z = z_in.to(cdtype, copy=True)
     b = b_in.to(cdtype, copy=True)
     z_y = z.gather(1, idx).squeeze(1)
+    b_y = b.gather(1, idx).squeeze(1)
     # Mask the gold entry in both rows: everything below is over the non-target entries only.
     z.scatter_(1, idx, float("-inf"))
     b.scatter_(1, idx, float("-inf"))
@@ -55,6 +57,10 @@ def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtyp
     s_bt = e_bt.sum(1)
     log_s_zt = torch.log(s_zt)
     log_s_bt = torch.log(s_bt)
+    # NaN or +inf anywhere in a row makes its exp-sums NaN (exp(NaN), or inf - inf once the max is +inf); the gold
+    # entries, masked above, are checked on their own. Such rows get NaN statistics and a NaN gradient.
+    bad = torch.isnan(s_z1) | torch.isnan(s_bt) | torch.isnan(z_y) | torch.isnan(b_y) | (z_y == math.inf) | (
+        b_y == math.inf)
     has_q = s_zt > 0
     has_p = s_bt > 0
 
@@ -81,13 +87,19 @@ def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtyp
     kl = torch.where(missing, kl, torch.full_like(kl, math.inf))
     kl = torch.where(present, kl, torch.zeros_like(kl)).clamp_min(0.0)
     del terms
+    any_bad = bool(bad.any())
+    if any_bad:
+        nan = torch.full_like(ce, math.nan)
+        ce = torch.where(bad, nan, ce)
+        kl = torch.where(bad, nan, kl)
     if not compute_grad:
         return ce, kl, None
 
     c = kl_weight * temperature
     if scale is None:
         scale = torch.ones((), dtype=cdtype, device=z.device)
-    inv_s_zt = torch.where(has_q, 1.0 / s_zt, torch.zeros_like(s_zt))
+    # KL is 0 by definition (a constant) when base has no non-target mass: no KL gradient then (q = 0 below).
+    inv_s_zt = torch.where(has_q & has_p, 1.0 / s_zt, torch.zeros_like(s_zt))
     inv_s_bt = torch.where(has_p, 1.0 / s_bt, torch.zeros_like(s_bt))
     # softmax over all entries, anchored at max(m_z, z_y) so a dominant gold logit cannot overflow.
     big = torch.maximum(m_z, z_y)
@@ -116,6 +128,8 @@ def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtyp
         del e_bt
     # Gold entry: softmax(z)_y - 1 = -(mass off the gold entry), without cancellation; KL part 0.
     grad.scatter_(1, idx, (-(s_off / s_all) * scale)[:, None])
+    if any_bad:
+        grad.masked_fill_(bad[:, None], math.nan)
     return ce, kl, grad
 
 

@@ -18,20 +18,30 @@ The logic lives in `NonTargetKLMixin`, shared with `kl_nontarget.trl.NonTargetKL
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 
-import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from kl_nontarget.base_model import check_reference, prepare_ref_model
+from kl_nontarget.adaptive import AdaptiveKLWeight
+from kl_nontarget.base_model import is_compiled
 from kl_nontarget.batch import IGNORE_INDEX, BatchHidden, compute_batch_hidden, compute_batch_logits, shifted_labels
 from kl_nontarget.batch_loss import fused_loss, require_fused, step_heads
-from kl_nontarget.components import ComponentLog
+from kl_nontarget.components import ComponentLog, accelerator_gather, eval_metrics, train_logs
+from kl_nontarget.config import merge_options, reference_model_spec
 from kl_nontarget.distributed import install_exit_handler
+from kl_nontarget.integrations import (
+    liger_without_fused_loss,
+    load_ref_model,
+    prepare_trainer_ref_model,
+    router_aux_loss_coef,
+    trainer_args,
+)
 from kl_nontarget.loss import nontarget_kl_loss
 from kl_nontarget.options import RegularizerOptions, UsesRegularizerOptions, options_from
 from kl_nontarget.precompute import INDEX_KEY, BasePrecompute, split_index, static_blocker
+from kl_nontarget.ref_adapter import check_base_source
 
 
 def check_options(kl_weight, temperature, kl_direction, fused_linear="auto") -> None:
@@ -43,17 +53,66 @@ def check_options(kl_weight, temperature, kl_direction, fused_linear="auto") -> 
 class NonTargetKLMixin(UsesRegularizerOptions):
     """Loss, logging and evaluation of the non-target KL for a `transformers.Trainer` subclass.
 
-    Call `_init_nontarget_kl(options, ref_model)` at the end of `__init__`. The regularizer's options are
+    Call `_init_nontarget_kl(options, ref_model, ...)` at the end of `__init__`. The regularizer's options are
     `self.options` (a `RegularizerOptions`); `kl_weight`, `temperature`, `kl_direction` and `fused_linear` read it.
+    When `self.args` is a config with the regularizer's fields (`kl_nontarget.config.NonTargetKLArguments`), the
+    options (and the reference, `ref_model_name_or_path` / `ref_adapter_name`) come from it as well
+    (`config.merge_options`).
+
+    `regularizer_log_name`: the name the regularizer term is logged under (`eval_<name>` in evaluation). A subclass
+    that overrides `compute_regularized_loss` declares its own; without one its term is logged as "regularizer",
+    never as "nontarget_kl".
     """
 
-    options: RegularizerOptions
+    regularizer_log_name: str | None = None
 
-    def _init_nontarget_kl(self, options: RegularizerOptions | None = None, ref_model=None, **keywords):
-        self.options = options_from(options, **keywords)
+    @property
+    def options(self) -> RegularizerOptions:
+        """The regularizer's options; with `kl_target`, `kl_weight` is the adaptive weight of this step."""
+        adaptive = self.adaptive_kl_weight
+        if adaptive is None or adaptive.kl_weight == self._options.kl_weight:
+            return self._options
+        return self._options.replace(kl_weight=adaptive.kl_weight)
+
+    @options.setter
+    def options(self, value: RegularizerOptions) -> None:
+        self._options = value
+        adaptive = self.adaptive_kl_weight
+        if adaptive is not None:  # an explicit new weight (trainer.kl_weight = ...) restarts the controller there
+            adaptive.kl_weight = value.kl_weight
+
+    @property
+    def adaptive_kl_weight(self) -> AdaptiveKLWeight | None:
+        """The callback holding the adaptive weight (with `kl_target`), else None. Looked up in the callback list
+        every time: resuming with restore_callback_states_from_checkpoint=True replaces the instance."""
+        if getattr(self, "_options", None) is None or self._options.kl_target is None:
+            return None
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, AdaptiveKLWeight)), None)
+
+    def _init_nontarget_kl(self, options: RegularizerOptions | None = None, ref_model=None, *,
+                           ref_adapter_name: str | None = None, ref_model_init_kwargs: dict | None = None,
+                           **keywords):
+        # Options given as keywords (or options=) and in args (a NonTargetKLConfig) are merged; a clash is an error.
+        self.options = merge_options(options_from(options, **keywords), self.args)
+        if self._options.kl_target is not None:
+            self.add_callback(AdaptiveKLWeight(self._options.kl_target, self._options.kl_weight))
+        configured, configured_kwargs = reference_model_spec(self.args)
+        if configured is not None:
+            if ref_model is not None:
+                raise ValueError(f"ref_model= was given and args.ref_model_name_or_path={configured!r} too; pass one "
+                                 "of them")
+            ref_model, ref_model_init_kwargs = configured, configured_kwargs
+        if ref_adapter_name is None:
+            ref_adapter_name = getattr(self.args, "ref_adapter_name", None)
+        if isinstance(ref_model, (str, os.PathLike)):
+            ref_model = load_ref_model(ref_model, ref_model_init_kwargs, self.model)
+        elif ref_model_init_kwargs is not None:
+            raise ValueError("ref_model_init_kwargs applies when ref_model is a model name or path; got "
+                             f"ref_model={type(ref_model).__name__}")
         if self.model is not None:
-            check_reference(self.model, ref_model)
-        self.ref_model = None if ref_model is None else prepare_ref_model(ref_model, self.args.device)
+            check_base_source(self.model, ref_model, ref_adapter_name)
+        self.ref_adapter_name = ref_adapter_name
+        self.ref_model = None if ref_model is None else prepare_trainer_ref_model(self, ref_model)
         self._loss_only_prediction = False
         if self.options.fused_linear is True:
             if self._overrides_regularized_loss():
@@ -100,12 +159,23 @@ class NonTargetKLMixin(UsesRegularizerOptions):
     def _overrides_regularized_loss(self):
         return type(self).compute_regularized_loss is not NonTargetKLMixin.compute_regularized_loss
 
+    def _component_name(self) -> str:
+        """The name the regularizer term is logged under (see `regularizer_log_name`)."""
+        if self.regularizer_log_name:
+            return self.regularizer_log_name
+        return "regularizer" if self._overrides_regularized_loss() else "nontarget_kl"
+
     def _fused_heads(self, model, needs_logits):
         """The (head, ref_head) pair when this loss call takes the fused-linear path, else None."""
         if self._overrides_regularized_loss():
             return None
+        # A compiled graph would not see the head-input hooks registered for one call (dynamo does not guard on
+        # hooks): compiled models take the logits path.
+        compiled = is_compiled(model) or (self.ref_model is not None and is_compiled(self.ref_model))
         heads, reason = step_heads(self.accelerator.unwrap_model(model), self.ref_model, self.options,
-                                   needs_logits=needs_logits)
+                                   needs_logits=needs_logits or compiled)
+        if compiled:
+            reason = "the model is compiled (torch.compile)"
         if heads is None and self.fused_linear is True and not needs_logits \
                 and not getattr(self, "_fused_fallback_warned", False):
             self._fused_fallback_warned = True
@@ -137,13 +207,15 @@ class NonTargetKLMixin(UsesRegularizerOptions):
         if heads is not None:
             base_hidden = self.base_precompute.base_hidden(inputs, example_indices, model.training, heads)
             batch = compute_batch_hidden(model, inputs, heads, ref_model=self.ref_model, unwrapped=unwrapped,
-                                         base_context=base_context, base_hidden=base_hidden)
+                                         base_context=base_context, ref_adapter_name=self.ref_adapter_name,
+                                         base_hidden=base_hidden)
             loss, ce, kl = self.compute_fused_loss(batch, num_items_in_batch)
             # prediction_step with prediction_loss_only keeps the loss only; the logits were never built.
             outputs = {"loss": loss.detach()}
         else:
             batch = compute_batch_logits(model, inputs, ref_model=self.ref_model, unwrapped=unwrapped,
-                                         use_logits_mask=not return_outputs, base_context=base_context)
+                                         use_logits_mask=not return_outputs, base_context=base_context,
+                                         ref_adapter_name=self.ref_adapter_name)
             loss, ce, kl = self.compute_regularized_loss(batch.logits, batch.ref_logits, batch.labels,
                                                          num_items_in_batch)
             outputs = batch.outputs
@@ -154,9 +226,19 @@ class NonTargetKLMixin(UsesRegularizerOptions):
             tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
             scale = self.accelerator.num_processes // tp_size if self.args.n_gpu <= 1 else self.args.n_gpu
             loss = loss * scale
+        loss = self._add_router_aux_loss(loss, batch.outputs, scale, num_items_in_batch)
         self._record_components(ce, kl, scale, num_items_in_batch, inputs, model)
         self._after_loss(batch, inputs, model)
         return (loss, outputs) if return_outputs else loss
+
+    def _add_router_aux_loss(self, loss, outputs, scale, num_items_in_batch):
+        """MoE models returning `aux_loss`: add `router_aux_loss_coef * aux_loss` of the adapted pass, as the model's
+        own loss does under `Trainer` (inside the loss that the data-parallel factor `scale` multiplies)."""
+        aux = getattr(outputs, "aux_loss", None) if outputs is not None else None
+        coef = router_aux_loss_coef(self.model)
+        if aux is None or coef == 0:
+            return loss
+        return loss + (coef * scale) * aux.to(loss.device)
 
     def _after_loss(self, batch, inputs, model):
         """Hook for subclasses (the SFT subclass computes TRL's metrics here); `batch` is a `batch.BatchLogits`
@@ -190,12 +272,12 @@ class NonTargetKLMixin(UsesRegularizerOptions):
             labels = inputs.get("labels", inputs.get("shift_labels"))
             weight = float(labels.shape[0])
         self.component_log.add(mode, ce, kl, weight, self.state.global_step)
+        adaptive = self.adaptive_kl_weight
+        if mode == "train" and adaptive is not None:
+            adaptive.observe(kl * weight)
 
     def _gathered(self, value):
-        value = torch.as_tensor(value, dtype=torch.float32, device=self.args.device).reshape(1)
-        if self.accelerator.num_processes > 1:
-            value = self.accelerator.gather(value)
-        return value
+        return accelerator_gather(self.accelerator, self.args.device)(value)
 
     def train(self, *args, **kwargs):
         # Loss calls made outside training (by hand, or before a resume) must not leak into the first logging window.
@@ -214,12 +296,12 @@ class NonTargetKLMixin(UsesRegularizerOptions):
             self._signature_columns = [*self._signature_columns, INDEX_KEY]
 
     def log(self, logs, *args, **kwargs):
-        steps = self.component_log.window_steps(self.state.global_step)
-        if "loss" in logs and steps > 0:
-            sums = self.component_log.sums("train")
-            logs["ce_loss"] = self._gathered(sums["ce"]).mean().item() / steps
-            logs["nontarget_kl"] = self._gathered(sums["kl"]).mean().item() / steps
-            self.component_log.reset("train")
+        if "loss" in logs:
+            components = train_logs(self.component_log, self.state.global_step, self._gathered,
+                                    self._component_name())
+            logs.update(components)
+            if components and self.adaptive_kl_weight is not None:
+                logs["kl_weight"] = self.adaptive_kl_weight.kl_weight
         return super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
@@ -227,12 +309,7 @@ class NonTargetKLMixin(UsesRegularizerOptions):
         output = super().evaluation_loop(*args, **kwargs)
         bound = inspect.signature(super().evaluation_loop).bind_partial(*args, **kwargs)
         prefix = bound.arguments.get("metric_key_prefix", "eval")
-        sums = self.component_log.sums("eval")
-        total = self._gathered(sums["weight"]).sum().item()
-        if total > 0:
-            output.metrics[f"{prefix}_ce_loss"] = self._gathered(sums["ce"]).sum().item() / total
-            output.metrics[f"{prefix}_nontarget_kl"] = self._gathered(sums["kl"]).sum().item() / total
-        self.component_log.reset("eval")
+        output.metrics.update(eval_metrics(self.component_log, self._gathered, prefix, self._component_name()))
         return output
 
 
@@ -264,15 +341,35 @@ class NonTargetKLTrainer(NonTargetKLMixin, Trainer):
             cannot apply, "auto" warns and runs the base pass at every step. See README, "Precomputing the base".
         base_cache_dir: where the caches live (default: `base_hidden` in `$KL_NONTARGET_CACHE`, else in
             ~/.cache/kl-nontarget).
+        kl_target: None (default) for a fixed kl_weight; a number > 0 makes the weight adaptive, starting at
+            `kl_weight` and steered after every optimizer step so that the logged `nontarget_kl` tracks the target
+            (`kl_nontarget.adaptive`). The current weight is logged as `kl_weight` and saved with checkpoints.
         options: all of the above but `ref_model` as one `kl_nontarget.options.RegularizerOptions` (then leave the
             keywords at their defaults); held as `trainer.options`.
+        ref_model: also a model name or path, loaded with `ref_model_init_kwargs` (default: the model's dtype and
+            attention implementation) and prepared like TRL's reference models (`integrations.load_ref_model`).
+        ref_adapter_name: an adapter loaded in the PeftModel (frozen here) whose outputs are the reference, instead
+            of the model with adapters disabled: continuing from a trained adapter
+            (`ref_adapter_name=kl_nontarget.snapshot_adapter(model)` keeps the model as it starts).
+
+    With `use_liger_kernel=True`, Liger's fused_linear_cross_entropy is turned off (it returns no logits); its other
+    kernels apply. MoE models add `router_aux_loss_coef * aux_loss` of the adapted pass, as `Trainer` does.
+
+    With `args=kl_nontarget.NonTargetKLConfig(...)` the options are read from `args` (`kl_weight`, `kl_temperature`,
+    `kl_direction`, `kl_fused_linear`, and the reference from `ref_model_name_or_path`); they are then saved with the
+    checkpoints (`training_args.bin`) and logged with the run config. Keywords still work: a keyword at its default
+    leaves the config's value, and the same option set both ways to different values is a ValueError.
     """
 
     def __init__(self, *args, kl_weight: float = 1.0, temperature: float = 1.0, kl_direction: str = "forward",
-                 ref_model=None, fused_linear="auto", precompute_base=False, base_cache_dir=None,
-                 options: RegularizerOptions | None = None, **kwargs):
+                 ref_model=None, fused_linear="auto", kl_target: float | None = None,
+                 precompute_base=False, base_cache_dir=None,
+                 options: RegularizerOptions | None = None, ref_adapter_name: str | None = None,
+                 ref_model_init_kwargs: dict | None = None, **kwargs):
         options = options_from(options, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
-                               fused_linear=fused_linear, precompute_base=precompute_base,
+                               fused_linear=fused_linear, kl_target=kl_target, precompute_base=precompute_base,
                                base_cache_dir=base_cache_dir)
+        liger_without_fused_loss(trainer_args(args, kwargs), type(self).__name__)
         super().__init__(*args, **kwargs)
-        self._init_nontarget_kl(options, ref_model)
+        self._init_nontarget_kl(options, ref_model, ref_adapter_name=ref_adapter_name,
+                                ref_model_init_kwargs=ref_model_init_kwargs)

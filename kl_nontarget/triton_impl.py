@@ -12,9 +12,14 @@ from kl_nontarget.kernels.nontarget_ce import nontarget_ce_kernel
 
 
 def default_block_size(v: int, dtype: torch.dtype) -> int:
-    """Vocabulary block per loop step: a power of two, at most 4096 float32 or 8192 16-bit values."""
-    cap = 8192 if dtype.itemsize <= 2 else 4096
-    return min(triton.next_power_of_2(max(v, 1)), cap)
+    """Vocabulary block per loop step: a power of two, at most 4096 entries whatever the dtype.
+
+    With 8 warps a 4096-entry block is 16 entries per thread and tensor: two 128-bit loads of 16-bit values (four of
+    float32), and at most ~100 registers in every variant, so two programs fit on an SM (65536 registers / 256
+    threads = 128 each) and one's reductions overlap the other's loads. An 8192-entry block of 16-bit values took up
+    to 161 registers (one program per SM) for the same bytes in flight (`benchmarks/kernel_report.py`).
+    """
+    return min(triton.next_power_of_2(max(v, 1)), 4096)
 
 
 def nontarget_ce_rows(logits, ref_logits, labels, *, kl_weight, temperature, ignore_index, reverse,
@@ -24,7 +29,7 @@ def nontarget_ce_rows(logits, ref_logits, labels, *, kl_weight, temperature, ign
     Same contract as `kl_nontarget.torch_impl.nontarget_ce_rows`: returns `(ce, kl, grad)`, `ce` and `kl` float32
     of shape (N,), `grad` (N, V) in the logits' dtype already multiplied by `grad_scale`, or None.
     """
-    n, v = logits.shape
+    n = logits.shape[0]
     device = logits.device
     ce = torch.empty(n, dtype=torch.float32, device=device)
     kl = torch.empty(n, dtype=torch.float32, device=device)
@@ -32,14 +37,30 @@ def nontarget_ce_rows(logits, ref_logits, labels, *, kl_weight, temperature, ign
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
     if n == 0:
         return ce, kl, grad
-    block = block_size or default_block_size(v, logits.dtype)
-    nontarget_ce_kernel[(n,)](
-        logits, logits.stride(0), ref_logits, ref_logits.stride(0), labels,
-        grad if compute_grad else logits, grad.stride(0) if compute_grad else 0,
-        ce, kl, grad_scale.to(torch.float32),
-        v, ignore_index,
-        float(kl_weight), 1.0 / float(temperature), float(temperature),
-        REVERSE=reverse, SCALED=float(temperature) != 1.0, COMPUTE_GRAD=compute_grad, BLOCK_V=block,
-        num_warps=8 if block >= 4096 else 4,
-    )
+    args, meta = launch_arguments(logits, ref_logits, labels, grad, ce, kl, grad_scale, kl_weight=kl_weight,
+                                  temperature=temperature, ignore_index=ignore_index, reverse=reverse,
+                                  block_size=block_size)
+    nontarget_ce_kernel[(n,)](*args, **meta)
     return ce, kl, grad
+
+
+def launch_arguments(logits, ref_logits, labels, grad, ce, kl, grad_scale, *, kl_weight, temperature, ignore_index,
+                     reverse, block_size=None):
+    """The row kernel's launch: `(args, meta)` for `nontarget_ce_kernel[(n,)](*args, **meta)`.
+
+    `args` are the runtime arguments in the kernel's order, `meta` its constexprs and `num_warps`. `grad` is the
+    (N, V) gradient buffer, or None for a forward only. The launcher and the ahead-of-time compilation check
+    (`benchmarks/kernel_report.py`) both build the launch here, so the compiled variants are exactly the launched
+    ones.
+    """
+    v = logits.shape[1]
+    compute_grad = grad is not None
+    block = block_size or default_block_size(v, logits.dtype)
+    args = (logits, logits.stride(0), ref_logits, ref_logits.stride(0), labels,
+            grad if compute_grad else logits, grad.stride(0) if compute_grad else 0,
+            ce, kl, grad_scale.to(torch.float32),
+            v, ignore_index,
+            float(kl_weight), 1.0 / float(temperature), float(temperature))
+    meta = dict(REVERSE=bool(reverse), SCALED=float(temperature) != 1.0, COMPUTE_GRAD=compute_grad, BLOCK_V=block,
+                num_warps=8 if block >= 4096 else 4)
+    return args, meta

@@ -176,7 +176,7 @@ def test_hook_refuses_precompute_base(model_dirs):
 
     with pytest.raises(ValueError, match="trainer option"):
         nontarget_kl_loss_func(peft_model(model_dirs), options=RegularizerOptions(precompute_base=True))
-    model = peft_model(model_dirs)
+    model = peft_model(model_dirs, moved=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         nontarget_kl_loss_func(model).remove()  # the default: no warning

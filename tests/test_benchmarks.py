@@ -7,6 +7,7 @@ write finite numbers, and that the implementations agree on the loss they benchm
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,13 @@ def test_bench_step_cpu_tiny(tmp_path):
     cached = next(r for r in rows if r["impl"] == "kl_cached")
     # tiny: hidden size 64 in float32, 3 steps of 4 x 63 supervised tokens: 256 bytes per token and a few bytes more
     assert 256 <= cached["cache_bytes_per_token"] < 400 and cached["precompute_ms"] > 0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_gpu_run_script_refuses_cleanly_without_cuda(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OUT=str(tmp_path / "out")))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no CUDA device" in proc.stdout and "Nothing was run" in proc.stdout
+    assert "no CUDA device" in (tmp_path / "out" / "summary.txt").read_text()
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -122,3 +122,22 @@ def test_end_of_training_without_trainer_reference(tmp_path, tokenizer, peft_mod
         trainer.train()
     entries = [e for e in trainer.state.log_history if "eval_forgetting" in e]
     assert len(entries) == 1 and entries[0]["step"] == 2 and entries[0]["eval_forgetting"] > 0
+
+
+def test_sft_trainer_with_sampled_retention_set(tmp_path, model_dirs, one_thread):
+    # trl.SFTTrainer on a PEFT model: the tokenizer comes from the trainer's processing_class.
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from tiny_models import peft_model, toy_prompt_completions
+
+    tok = AutoTokenizer.from_pretrained(model_dirs / "tokenizer")
+    args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=0.5,
+                     optim="sgd", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=64)
+    trainer = SFTTrainer(model=peft_model(model_dirs, moved=False), args=args, processing_class=tok,
+                         train_dataset=Dataset.from_list(toy_prompt_completions(8, seed=5)))
+    ForgettingCallback(trainer, num_samples=4, max_new_tokens=6).attach(trainer)
+    trainer.train()
+    entries = [e for e in trainer.state.log_history if "eval_forgetting" in e]
+    assert len(entries) == 1 and entries[0]["eval_forgetting"] > 0 and entries[0]["eval_retention_ppl"] > 1

@@ -10,10 +10,11 @@ from kl_nontarget import cli
 from kl_nontarget.demo import run_demo, tiny_config
 from kl_nontarget.demo.base import load_or_pretrain
 from kl_nontarget.demo.corpus import Grammar, build_tokenizer
-from kl_nontarget.demo.runs import FullKLTrainer, choose_baseline
 from kl_nontarget.demo.tasks import TASKS, answer_map, build_task, split_pairs
+from kl_nontarget.sweep.runs import FullKLTrainer, choose_baseline
 
-RUN_KEYS = {"task", "seed", "method", "kl_weight", "target_loss", "target_accuracy", "forgetting", "retention_ppl"}
+RUN_KEYS = {"task", "seed", "method", "kl_weight", "target_loss", "target_accuracy", "forgetting", "lf",
+            "retention_ppl"}
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +37,15 @@ def test_results_schema_and_files(demo_run):
         assert run["task"] in ("shifted", "near") and run["method"] in ("lora", "nontarget_kl", "full_kl")
         assert isinstance(run["seed"], int) and isinstance(run["kl_weight"], float)
         assert (run["kl_weight"] == 0.0) == (run["method"] == "lora")
-        for k in ("target_loss", "target_accuracy", "forgetting", "retention_ppl"):
+        for k in ("target_loss", "target_accuracy", "forgetting", "lf", "retention_ppl"):
             assert isinstance(run[k], float) and math.isfinite(run[k])
         assert 0.0 <= run["target_accuracy"] <= 1.0
-        assert run["forgetting"] >= data["base"]["entropy"] - 1e-4  # Lf >= H(base), the KL is >= 0
-    assert {"entropy", "retention_ppl", "tasks"} <= set(data["base"])
+        # forgetting is Lf - H(base) = KL(base || fine-tuned) >= 0, with Lf kept as its own key
+        assert run["forgetting"] > 0
+        assert run["lf"] == pytest.approx(run["forgetting"] + data["base"]["entropy"], rel=1e-5)
+    assert {"entropy", "lf", "retention_ppl", "tasks"} <= set(data["base"])
+    assert data["base"]["forgetting"] == 0.0
+    assert data["base"]["lf"] == pytest.approx(data["base"]["entropy"], rel=1e-6)
     assert set(data["base"]["tasks"]) == {"shifted", "near"}
     assert {"lr", "steps"} <= set(data["base"]["tasks"]["shifted"])
     assert data["base"]["tasks"]["shifted"]["lr"] in cfg.lr_grid  # the sweep picked one of the grid
@@ -86,7 +91,8 @@ def test_eval_subcommand_on_saved_adapter(demo_run, tmp_path, capsys):
 def test_cli_parser():
     parser = cli.build_parser()
     args = parser.parse_args(["demo", "--quick", "--seeds", "3", "--out", "x"])
-    assert args.quick and args.seeds == 3 and args.out == "x"
+    assert args.quick and args.seeds == 3 and args.out == "x" and args.model == "toy"
+    assert parser.parse_args(["demo", "--model", "smollm2"]).model == "smollm2"
     assert cli.main([]) == 0
 
 
@@ -131,7 +137,7 @@ def test_sweep_snapshot_equals_a_retrained_plain_lora_run(tmp_path):
     # The demo reuses the sweep's weights at the chosen step as the seed-0 plain-LoRA run: it must be that run.
     from kl_nontarget.demo.base import load_or_pretrain as _load
     from kl_nontarget.demo.data import loader
-    from kl_nontarget.demo.runs import ValidationCallback, finetune, lora_from_snapshot
+    from kl_nontarget.sweep.runs import ValidationCallback, finetune, lora_from_snapshot
 
     cfg = tiny_config()
     model, tok, grammar, _, _ = _load(cfg.base, 0, tmp_path, progress=False, log=lambda *a: None)

@@ -167,6 +167,45 @@ def test_low_precision_matches_logits_path(dtype, softcap):
     torch.testing.assert_close(fused[0].double(), truth[0], rtol=rtol, atol=rtol)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_non_finite_hidden_states_make_their_rows_nan(backend, direction):
+    # The fused path hands each chunk to the same row functions: NaN/+inf logits give NaN rows, -inf masks.
+    t = make((7,), 5, 37, torch.float32, ignore_frac=0.0, seed=5)
+    h, rh, w, y = t["inputs"]["hidden"], t["inputs"]["ref_hidden"], t["inputs"]["weight"], t["labels"]
+    rh[0, 1] = float("nan")
+    h[1, 2] = float("nan")
+    rh[2, 0] = float("inf")  # +-inf logits, +inf among them
+    h[6] = float("nan")
+    y[6] = -100              # ignored: contributes nothing
+    kw = dict(kl_direction=direction, backend=backend, chunk_size=3)
+    hh = h.clone().requires_grad_()
+    loss, ce, kl = nontarget_kl_linear_loss(hh, rh, w, y, reduction="none", return_components=True, **kw)
+    for v in (loss, ce, kl):
+        assert torch.isnan(v[:3]).all() and torch.isfinite(v[3:]).all() and v[6] == 0, v
+    assert torch.isnan(nontarget_kl_linear_loss(h, rh, w, y, **kw))
+    # Without the poisoned supervised rows the loss is finite, and so are the gradients.
+    y[:3] = -100
+    hh = h.clone().requires_grad_()
+    ww = w.clone().requires_grad_()
+    loss = nontarget_kl_linear_loss(hh, rh, ww, y, **kw)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hh.grad).all() and torch.isfinite(ww.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_vocabulary_masked_by_a_minus_inf_bias(backend):
+    # A padded head: -inf bias entries mask those tokens in both models; the gradients stay finite and exact.
+    t = make((3, 4), 6, 40, torch.float32, bias=True, ignore_frac=0.0, seed=9)
+    t["bias"][30:] = float("-inf")
+    t["labels"] = t["labels"] % 30
+    fused, logits = both_paths(t, backend=backend, chunk_size=5, kl_direction="reverse", temperature=1.3)
+    for g in fused[3]:
+        assert torch.isfinite(g).all()
+    assert (fused[3][2][30:] == 0).all()
+    assert_match(fused, logits, dtype=torch.float32, loss_rtol=1e-5, loss_atol=1e-6)
+
+
 def test_default_chunk_size_and_no_grad_path():
     t = make((4, 6), 7, 50, bias=True, seed=5)
     fused, logits = both_paths(t, softcap=3.0)  # chunk_size from the budget

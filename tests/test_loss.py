@@ -244,6 +244,118 @@ def test_scaled_backward():
     torch.testing.assert_close(z.grad, 3.0 * grad)
 
 
+# ---- non-finite inputs: NaN / +inf make a row NaN, -inf masks, a finite loss has a finite gradient ----------------
+
+NAN, INF = float("nan"), float("inf")
+# (tensor, where, value) per supervised row; the last supervised row stays clean.
+POISON = [("ref", "other", NAN), ("ref", "gold", NAN), ("logits", "other", NAN), ("logits", "gold", NAN),
+          ("ref", "other", INF), ("ref", "gold", INF), ("logits", "other", INF), ("logits", "gold", INF)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_nan_or_plus_inf_in_a_supervised_row_makes_it_nan(backend, dtype, direction):
+    check_non_finite_rows(backend, dtype, direction, "cpu")
+
+
+def check_non_finite_rows(backend, dtype, direction, device):
+    rows = len(POISON) + 2
+    logits, ref, labels = make_inputs((rows,), 37, dtype, ignore_frac=0.0)
+    clean = (logits.clone(), ref.clone())
+    for r, (which, where, value) in enumerate(POISON):
+        t = ref if which == "ref" else logits
+        col = labels[r] if where == "gold" else (labels[r] + 1 + r) % 37
+        t[r, col] = value
+    labels[-1] = -100  # an ignored row full of NaN contributes nothing
+    logits[-1, 3] = NAN
+    ref[-1, ::2] = NAN
+    kw = dict(kl_weight=0.7, kl_direction=direction, backend=backend, temperature=1.5)
+    logits, ref, labels = (t.to(device) for t in (logits, ref, labels))
+    loss, ce, kl, grad = run_loss(logits, ref, labels, reduction="none", **kw)
+    loss, ce, kl, grad = (t.cpu() for t in (loss, ce, kl, grad))
+    bad = len(POISON)
+    for t in (loss, ce, kl):
+        assert torch.isnan(t[:bad]).all(), t
+        assert torch.isfinite(t[bad:]).all() and t[-1] == 0, t
+    assert torch.isnan(grad[:bad]).all() and (grad[-1] == 0).all()
+    # The clean row is what it is without the poisoned ones.
+    r_loss, r_ce, r_kl, r_grad = run_reference(clean[0], clean[1], labels.cpu(), reduction="none", **kw)
+    torch.testing.assert_close(loss[bad].double(), r_loss[bad], rtol=2e-5, atol=1e-5)
+    assert (grad[bad].double() - r_grad[bad]).abs().max() <= GRAD_RTOL[dtype] * r_grad[bad].abs().max() + 1e-7
+    for reduction in ("mean", "sum"):
+        assert torch.isnan(nontarget_kl_loss(logits, ref, labels, reduction=reduction, **kw))
+        with torch.no_grad():
+            assert torch.isnan(nontarget_kl_loss(logits, ref, labels, reduction=reduction, **kw))
+    # Only the ignored row is poisoned: the loss is finite and so is its gradient.
+    labels[:bad] = -100
+    loss, _, _, grad = run_loss(logits, ref, labels, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def _hostile_row(logits, ref, y, kind, gen):
+    """Make one row hostile in a way that keeps its loss finite (see the cases of the test below)."""
+    v = logits.shape[0]
+    some = torch.randperm(v, generator=gen)[: v // 3]
+    some = some[some != y]
+    if kind == "huge":
+        logits.copy_((torch.randint(0, 2, (v,), generator=gen) * 2 - 1) * 1e4 + torch.randn(v, generator=gen))
+        ref.copy_((torch.randint(0, 2, (v,), generator=gen) * 2 - 1) * 1e4)
+    elif kind == "gold_all_mass":
+        logits[y], ref[y] = 90.0, 120.0
+    elif kind == "shared_mask":       # a padded vocabulary
+        logits[some] = -INF
+        ref[some] = -INF
+    elif kind == "base_mask":         # base gives 0 where the adapted model does not: forward KL stays finite
+        ref[some] = -INF
+    elif kind == "adapted_mask":      # the adapted model gives 0 where base does not: reverse KL stays finite
+        logits[some] = -INF
+    elif kind == "dead_base":         # base has no non-target mass: KL 0 in the forward direction
+        ref[torch.arange(v) != y] = -INF
+    elif kind == "dead_adapted":      # the adapted model has none: KL 0 in the reverse direction
+        logits[torch.arange(v) != y] = -INF
+    elif kind == "dead_both":
+        logits[torch.arange(v) != y] = -INF
+        ref[torch.arange(v) != y] = -INF
+    elif kind == "masked_gold":       # base's gold entry is -inf: it takes no part in the KL anyway
+        ref[y] = -INF
+
+
+FINITE_KINDS = {
+    "forward": ["plain", "huge", "gold_all_mass", "shared_mask", "base_mask", "dead_base", "dead_both",
+                "masked_gold"],
+    "reverse": ["plain", "huge", "gold_all_mass", "shared_mask", "adapted_mask", "dead_adapted", "dead_both",
+                "masked_gold"],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_finite_loss_has_a_finite_gradient_on_hostile_rows(backend, direction, temperature):
+    kinds = FINITE_KINDS[direction]
+    gen = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    logits, ref, labels = make_inputs((2 * len(kinds),), 29, ignore_frac=0.0, seed=int(gen.initial_seed()))
+    for r in range(labels.numel()):
+        _hostile_row(logits[r], ref[r], int(labels[r]), kinds[r % len(kinds)], gen)
+    kw = dict(kl_weight=0.9, kl_direction=direction, temperature=temperature, backend=backend)
+    loss, _, _, grad = run_loss(logits, ref, labels, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_close_to_reference(logits, ref, labels, loss_rtol=1e-5, loss_atol=1e-3, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_is_infinite_where_only_the_weighting_distribution_has_mass(backend, direction):
+    # Forward KL(base || adapted) with adapted -inf where base has mass (or the reverse case): +inf, never NaN.
+    logits, ref, labels = make_inputs((2,), 19, ignore_frac=0.0)
+    other = (labels[0] + 1) % 19
+    (logits if direction == "forward" else ref)[0, other] = -INF
+    _, ce, kl = nontarget_kl_loss(logits, ref, labels, kl_direction=direction, backend=backend, reduction="none",
+                                  return_components=True)
+    assert kl[0] == INF and torch.isfinite(kl[1]) and torch.isfinite(ce).all()
+
+
 # ---- bad input -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -323,3 +435,12 @@ def test_gpu_kernel_large_vocab(vocab, dtype, direction):
     err = (grad.double().cpu() - r_grad).abs().max().item()
     assert err <= GRAD_RTOL[dtype] * r_grad.abs().max().item() + 1e-7
     print(f"V={vocab} {dtype} {direction}: loss err {abs(loss.item() - r_loss.item()):.3g}, grad err {err:.3g}")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_gpu_non_finite_rows(dtype, direction):
+    # The compiled kernel's max/exp treat NaN as the hardware does, not as numpy does in the interpreter.
+    check_non_finite_rows("triton", dtype, direction, "cuda")

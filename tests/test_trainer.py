@@ -12,6 +12,7 @@ from kl_nontarget import batch as batch_module
 from kl_nontarget.base_model import base_forward, tuner_layers
 from kl_nontarget.batch import compute_batch_logits, supports_logits_mask
 from kl_nontarget.options import RegularizerOptions
+from kl_nontarget.ref_adapter import TrainedAdapterWarning
 from kl_nontarget.trainer import NonTargetKLTrainer
 
 from tiny_models import (
@@ -216,7 +217,7 @@ def test_bad_batches_are_rejected(model_dirs, tmp_path):
     with pytest.raises(TypeError, match="integer"):
         trainer.compute_loss(model, {**batch, "labels": batch["labels"].float()})
     with pytest.raises(TypeError, match="ref_model"):
-        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_model="base")
+        NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_model=42)
     with pytest.raises(ValueError, match="separate"):
         NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_model=model)
 
@@ -243,6 +244,7 @@ def test_modules_to_save_disabled_is_the_base(model_dirs, tmp_path):
     perturb_trainable(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.simplefilter("ignore", TrainedAdapterWarning)  # the adapter was moved on purpose
         NonTargetKLTrainer(model=model, args=sgd_args(tmp_path))
     out = base_forward(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)

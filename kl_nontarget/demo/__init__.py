@@ -6,6 +6,10 @@
 - `runs`: one LoRA run per method (`lora`, `nontarget_kl`, `full_kl`) through the real Trainer classes;
 - `runner`: the whole demo, `report`: the terminal table, `plot`: frontier.png;
 - `config`: the default, quick and tiny settings.
+
+`kl-nontarget demo --model smollm2` runs the same experiment on a real pretrained chat model (`pretrained`), with
+its own task (`people`), held-out text sampled from the base (`samples`), probe questions (`probes`) and batched
+generation (`generation`); the model comes from `kl_nontarget.models`.
 """
 
 from kl_nontarget.demo.config import DemoConfig, default_config, quick_config, tiny_config

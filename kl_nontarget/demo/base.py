@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -16,15 +15,10 @@ import torch
 
 from kl_nontarget.demo.corpus import Grammar, build_tokenizer, pack
 from kl_nontarget.demo.data import RowsDataset
-from kl_nontarget.demo.progress import TqdmCallback, quiet_trainer
+from kl_nontarget.models import default_cache_dir
+from kl_nontarget.sweep.progress import TqdmCallback, quiet_trainer
 
 CORPUS_VERSION = 1  # bump when the grammar changes, so old cached base models are not reused
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("KL_NONTARGET_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kl-nontarget")
-    return Path(root)
 
 
 def model_config(vocab_size, base):

@@ -73,9 +73,15 @@ def encode_examples(tokenizer, examples):
     return rows
 
 
+def task_examples(grammar: Grammar, task: str, sizes: dict, seed: int = 0):
+    """{"train"|"val"|"test": (prompt words, answer words) tuples} for `task`; `sizes` gives the count per split."""
+    pairs = split_pairs(grammar, seed)
+    return {split: make_examples(grammar, task, pairs[split], sizes[split],
+                                 seed=1000 * (SPLITS.index(split) + 1) + seed)
+            for split in SPLITS}
+
+
 def build_task(grammar: Grammar, tokenizer, task: str, sizes: dict, seed: int = 0):
     """{"train"|"val"|"test": encoded rows} for `task`; `sizes` gives the number of examples per split."""
-    pairs = split_pairs(grammar, seed)
-    return {split: encode_examples(tokenizer, make_examples(grammar, task, pairs[split], sizes[split],
-                                                             seed=1000 * (SPLITS.index(split) + 1) + seed))
-            for split in SPLITS}
+    return {split: encode_examples(tokenizer, examples)
+            for split, examples in task_examples(grammar, task, sizes, seed).items()}

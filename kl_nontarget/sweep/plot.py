@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kl_nontarget.demo.report import aggregate
+from kl_nontarget.sweep.report import aggregate
 
 COLORS = {"lora": "black", "nontarget_kl": "tab:blue", "full_kl": "tab:orange"}
 LABELS = {"lora": "plain LoRA", "nontarget_kl": "+ non-target KL", "full_kl": "+ full-vocabulary KL"}
@@ -17,28 +17,27 @@ def plot_frontier(results, path):
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     base = results["base"]
-    entropy = base["entropy"]
     agg = aggregate(results)
     tasks = list(dict.fromkeys(r["task"] for r in results["runs"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for r in results["runs"]:  # every seed, faint
             if r["task"] == task:
-                ax.scatter(r["forgetting"] - entropy, r["target_loss"], s=10, alpha=0.25, color=COLORS[r["method"]],
+                ax.scatter(r["forgetting"], r["target_loss"], s=10, alpha=0.25, color=COLORS[r["method"]],
                            linewidths=0)
         lora = agg.get((task, "lora", 0.0))
         for method in ("nontarget_kl", "full_kl"):
             pts = sorted((w, m) for (t, me, w), m in agg.items() if t == task and me == method)
             if lora is not None:
                 pts = [(0.0, lora)] + pts
-            xs = [m["forgetting_kl"] for _, m in pts]
+            xs = [m["forgetting"] for _, m in pts]
             ys = [m["target_loss"] for _, m in pts]
             ax.plot(xs, ys, "-o", color=COLORS[method], label=LABELS[method], ms=4)
             for w, m in pts[1:]:
-                ax.annotate(f"{w:g}", (m["forgetting_kl"], m["target_loss"]), textcoords="offset points",
+                ax.annotate(f"{w:g}", (m["forgetting"], m["target_loss"]), textcoords="offset points",
                             xytext=(4, 3), fontsize=7, color=COLORS[method])
         if lora is not None:
-            ax.plot([lora["forgetting_kl"]], [lora["target_loss"]], "*", color="black", ms=13, label=LABELS["lora"])
+            ax.plot([lora["forgetting"]], [lora["target_loss"]], "*", color="black", ms=13, label=LABELS["lora"])
         t = base["tasks"].get(task)
         if t:
             ax.plot([0.0], [t["target_loss"]], "s", color="gray", ms=8, label="base model (no fine-tuning)")

@@ -6,16 +6,14 @@ import statistics
 
 
 def aggregate(results):
-    """{(task, method, kl_weight): mean metrics over seeds (+ "n", and "forgetting_kl" = Lf - base entropy)}."""
-    entropy = results["base"]["entropy"]
+    """{(task, method, kl_weight): mean metrics over seeds (+ "n")}; `forgetting` is Lf - H(base), `lf` is Lf."""
     groups = {}
     for r in results["runs"]:
         groups.setdefault((r["task"], r["method"], r["kl_weight"]), []).append(r)
     out = {}
     for key, rs in groups.items():
         mean = {k: statistics.fmean(r[k] for r in rs)
-                for k in ("target_loss", "target_accuracy", "forgetting", "retention_ppl")}
-        mean["forgetting_kl"] = mean["forgetting"] - entropy
+                for k in ("target_loss", "target_accuracy", "forgetting", "lf", "retention_ppl")}
         mean["n"] = len(rs)
         out[key] = mean
     return out
@@ -23,7 +21,8 @@ def aggregate(results):
 
 def matched(results, tolerance=None):
     """Per task and regularized method: the least forgetting among kl_weights whose mean target loss is within
-    `tolerance` (absolute) of plain LoRA's, with its ratio to LoRA's forgetting KL. None where no weight matches."""
+    `tolerance` (absolute) of plain LoRA's, with its ratio to LoRA's forgetting (Lf - H). None where no weight
+    matches."""
     tol = results["config"].get("match_tolerance", 0.05) if tolerance is None else tolerance
     agg = aggregate(results)
     out = {}
@@ -32,15 +31,15 @@ def matched(results, tolerance=None):
         if lora is None:
             continue
         for method in ("nontarget_kl", "full_kl"):
-            ok = [(m["forgetting_kl"], w, m) for (t, me, w), m in agg.items()
+            ok = [(m["forgetting"], w, m) for (t, me, w), m in agg.items()
                   if t == task and me == method and m["target_loss"] <= lora["target_loss"] + tol]
             if not ok:
                 out[(task, method)] = None
                 continue
             fkl, w, m = min(ok, key=lambda x: x[0])
-            out[(task, method)] = {"kl_weight": w, "target_loss": m["target_loss"], "forgetting_kl": fkl,
-                                   "ratio": fkl / lora["forgetting_kl"] if lora["forgetting_kl"] > 0 else float("nan"),
-                                   "lora_target_loss": lora["target_loss"], "lora_forgetting_kl": lora["forgetting_kl"]}
+            out[(task, method)] = {"kl_weight": w, "target_loss": m["target_loss"], "forgetting": fkl,
+                                   "ratio": fkl / lora["forgetting"] if lora["forgetting"] > 0 else float("nan"),
+                                   "lora_target_loss": lora["target_loss"], "lora_forgetting": lora["forgetting"]}
     return out
 
 
@@ -50,21 +49,21 @@ def format_table(results):
     seeds = max((m["n"] for m in agg.values()), default=0)
     lines = [f"\nbase model: {base['parameters']:,} parameters; held-out base text: entropy {base['entropy']:.3f} "
              f"nats/token, perplexity {base['retention_ppl']:.2f}",
-             f"mean over {seeds} seed(s); forgetting = Lf (cross-entropy of fine-tuned vs base predictions on held-out "
-             "base text), Lf-H = its KL version (0 = no drift)"]
+             f"mean over {seeds} seed(s); Lf = cross-entropy of fine-tuned vs base predictions on held-out base "
+             "text, forgetting = Lf-H = KL(base || fine-tuned) (0 = no drift)"]
     header = (f"{'task':8} {'method':13} {'λ':>5} {'target loss':>11} {'accuracy':>8} {'Lf':>7} {'Lf-H':>7} "
               f"{'ret. ppl':>8}")
     for task in dict.fromkeys(r["task"] for r in results["runs"]):
         t = base["tasks"].get(task, {})
         lines += ["", header, "-" * len(header),
                   f"{task:8} {'base':13} {'':>5} {t.get('target_loss', float('nan')):11.4f} "
-                  f"{t.get('target_accuracy', float('nan')):8.3f} {base['forgetting']:7.4f} {0.0:7.4f} "
+                  f"{t.get('target_accuracy', float('nan')):8.3f} {base['lf']:7.4f} {base['forgetting']:7.4f} "
                   f"{base['retention_ppl']:8.3f}"]
         for (tk, method, w), m in agg.items():
             if tk != task:
                 continue
             lines.append(f"{task:8} {method:13} {w:5g} {m['target_loss']:11.4f} {m['target_accuracy']:8.3f} "
-                         f"{m['forgetting']:7.4f} {m['forgetting_kl']:7.4f} {m['retention_ppl']:8.3f}")
+                         f"{m['lf']:7.4f} {m['forgetting']:7.4f} {m['retention_ppl']:8.3f}")
     tol = results["config"].get("match_tolerance", 0.05)
     lines += ["", f"least forgetting at matched target loss (mean target loss <= plain LoRA's + {tol:g} nats):"]
     for (task, method), m in matched(results).items():
@@ -72,6 +71,6 @@ def format_table(results):
             lines.append(f"  {task:8} {method:13} no kl_weight reaches plain LoRA's target loss")
         else:
             lines.append(f"  {task:8} {method:13} λ={m['kl_weight']:g}: target loss {m['target_loss']:.4f} "
-                         f"(LoRA {m['lora_target_loss']:.4f}), Lf-H {m['forgetting_kl']:.4f} "
-                         f"= {m['ratio']:.2f}x plain LoRA's {m['lora_forgetting_kl']:.4f}")
+                         f"(LoRA {m['lora_target_loss']:.4f}), Lf-H {m['forgetting']:.4f} "
+                         f"= {m['ratio']:.2f}x plain LoRA's {m['lora_forgetting']:.4f}")
     return "\n".join(lines)

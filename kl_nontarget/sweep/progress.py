@@ -28,7 +28,7 @@ class TqdmCallback(TrainerCallback):
 
 
 def quiet_trainer(trainer):
-    """Drop the Trainer's own progress bar and log printing (the demo prints its own)."""
+    """Drop the Trainer's own progress bar and log printing (a sweep prints its own)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for cb in (PrinterCallback, ProgressCallback):

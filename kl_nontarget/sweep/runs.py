@@ -1,4 +1,4 @@
-"""One LoRA fine-tuning run of the demo, through the real Trainer classes, and its evaluation.
+"""One LoRA fine-tuning run of a sweep, through the real Trainer classes, and its evaluation.
 
 Methods:
 - `lora`: plain cross-entropy, `transformers.Trainer`;
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from kl_nontarget.demo.data import PadCollator, RowsDataset
-from kl_nontarget.demo.progress import TqdmCallback, quiet_trainer
+from kl_nontarget.batching import PadCollator, RowsDataset
 from kl_nontarget.metrics import evaluate_lm, forgetting_metrics
+from kl_nontarget.sweep.progress import TqdmCallback, quiet_trainer
 from kl_nontarget.trainer import NonTargetKLTrainer
 
 METHODS = ("lora", "nontarget_kl", "full_kl")
@@ -30,6 +30,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 class FullKLTrainer(NonTargetKLTrainer):
     """CE + kl_weight * T^2 * KL(base || adapted) over the whole vocabulary (the baseline regularizer)."""
+
+    regularizer_log_name = "full_kl"  # logged as full_kl / eval_full_kl, not as nontarget_kl
 
     def compute_regularized_loss(self, logits, ref_logits, labels, num_items_in_batch):
         valid = labels != -100
@@ -61,9 +63,9 @@ class ValidationCallback(TrainerCallback):
                                                  if p.requires_grad}
 
 
-def lora_from_snapshot(base_model, snapshot, seed, r=8, alpha=16):
+def lora_from_snapshot(base_model, snapshot, seed, r=8, alpha=16, target_modules=None):
     """A fresh LoRA model (same init as `finetune`) holding the adapter weights of a sweep snapshot."""
-    model = make_lora_model(base_model, seed, r, alpha)
+    model = make_lora_model(base_model, seed, r, alpha, target_modules)
     params = dict(model.named_parameters())
     missing = set(snapshot) - set(params)
     if missing:
@@ -75,22 +77,24 @@ def lora_from_snapshot(base_model, snapshot, seed, r=8, alpha=16):
     return model
 
 
-def make_lora_model(base_model, seed, r=8, alpha=16):
+def make_lora_model(base_model, seed, r=8, alpha=16, target_modules=None):
+    """A LoRA copy of `base_model`, initialised from `seed` (the same init for every run of a seed)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules or LORA_TARGETS,
+                        task_type="CAUSAL_LM")
     return get_peft_model(copy.deepcopy(base_model), config)
 
 
 def finetune(base_model, train_rows, pad_id, *, method, kl_weight, lr, steps, seed, batch_size, lora_r=8,
-             lora_alpha=16, callbacks=(), desc="run", progress=True):
+             lora_alpha=16, lora_targets=None, callbacks=(), desc="run", progress=True):
     """Trains a fresh LoRA adapter on `train_rows` and returns the PEFT model."""
     from transformers import Trainer, TrainingArguments
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    model = make_lora_model(base_model, seed, lora_r, lora_alpha)
+    model = make_lora_model(base_model, seed, lora_r, lora_alpha, lora_targets)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=steps,
                                  learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
@@ -113,11 +117,14 @@ def finetune(base_model, train_rows, pad_id, *, method, kl_weight, lr, steps, se
 
 
 def evaluate_run(model, test_loader, heldout_loader, progress=False):
-    """Target loss / exact-match accuracy on the task's test split, forgetting on held-out base text."""
+    """Target loss / exact-match accuracy on the task's test split, forgetting on held-out base text.
+
+    `forgetting` is Lf - H(base) = KL(base || fine-tuned) (0 for an unchanged model), `lf` the cross-entropy itself.
+    """
     target = evaluate_lm(model, test_loader, progress=progress, desc="target")
     forget = forgetting_metrics(model, heldout_loader, progress=progress, desc="forgetting")
     return {"target_loss": target["loss"], "target_accuracy": target["sequence_accuracy"],
-            "target_token_accuracy": target["accuracy"], "forgetting": forget["lf"], "forgetting_kl": forget["lf_kl"],
+            "target_token_accuracy": target["accuracy"], "forgetting": forget["lf_kl"], "lf": forget["lf"],
             "retention_ppl": forget["retention_ppl"], "accuracy_drift": forget["accuracy_drift"]}
 
 
