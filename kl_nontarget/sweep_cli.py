@@ -182,6 +182,8 @@ def run_sweep(run: SFTRun, sweep: SweepArguments, log=print, progress=True) -> d
                       batch_size=training.per_device_train_batch_size, lora_r=run.model.lora_r,
                       lora_alpha=run.model.lora_alpha, lora_targets=targets, lr_grid=(training.learning_rate,),
                       max_steps=steps, eval_every=steps,
+                      precompute_base=getattr(training, "precompute_base", False),
+                      base_cache_dir=getattr(training, "base_cache_dir", None),
                       extra={"model": str(model_path), "dataset": str(run.script.dataset_name),
                              "retention": sweep.retention_data or f"{len(retention)} samples from the base model"})
     out_dir = Path(training.output_dir)

@@ -81,3 +81,25 @@ def test_sweep_needs_an_evaluation_split(model_folder, tmp_path, capsys):  # noq
     code = main(["sweep", "--model_name_or_path", str(model_folder), "--dataset_name", str(train),
                  "--output_dir", str(tmp_path / "out")])
     assert code == 2 and "has no split" in capsys.readouterr().err
+
+
+def test_sweep_shares_one_base_pass(model_folder, tmp_path, monkeypatch):  # noqa: F811
+    """--precompute_base true: the sweep's non-target KL runs share one cache, built by the first of them."""
+    import kl_nontarget.batch as batch_module
+
+    calls = []
+    original = batch_module.base_forward
+    monkeypatch.setattr(batch_module, "base_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    train = prompt_completion_file(tmp_path / "train.jsonl")
+    held_out = prompt_completion_file(tmp_path / "eval.jsonl", n=6, seed=9)
+    cache = tmp_path / "cache"
+    code = main(["sweep", "--model_name_or_path", str(model_folder), "--dataset_name", str(train), "--eval_dataset",
+                 str(held_out), "--kl_weights", "0.3,1,3", "--precompute_base", "true", "--base_cache_dir", str(cache),
+                 *sweep_flags(tmp_path / "sweep")])
+    assert code == 0
+    assert len(list(cache.glob("*.arrow"))) == 1
+    # the training data in batches of 4, once, plus the layout check; the three runs' 9 steps run no base pass
+    runs = json.loads((tmp_path / "sweep" / "results.json").read_text())["runs"]
+    assert [r["kl_weight"] for r in runs if r["method"] == "nontarget_kl"] == [0.3, 1.0, 3.0]
+    examples = len(train.read_text().splitlines())
+    assert len(calls) == -(-examples // 4) + 1

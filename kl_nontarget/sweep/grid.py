@@ -57,6 +57,8 @@ class SweepConfig:
     steps_tolerance: float = 0.02
     match_tolerance: float = 0.05
     extra: dict = field(default_factory=dict)  # recorded in results.json only (the model, the data, ...)
+    precompute_base: bool | str = False  # the non-target KL runs share one base pass over the data (a cache)
+    base_cache_dir: str | None = None
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -151,7 +153,9 @@ def run_task(model, pad, task, data, cfg, heldout_loader, out_dir, base_path, *,
                 peft_model = finetune(model, data["train"], pad, method=method, kl_weight=weight, lr=lr,
                                       steps=steps, seed=seed, batch_size=cfg.batch_size, lora_r=cfg.lora_r,
                                       lora_alpha=cfg.lora_alpha, lora_targets=getattr(cfg, "lora_targets", None),
-                                      desc=f"{task} seed {seed}: {method} λ={weight:g}", progress=progress)
+                                      desc=f"{task} seed {seed}: {method} λ={weight:g}", progress=progress,
+                                      precompute_base=getattr(cfg, "precompute_base", False),
+                                      base_cache_dir=getattr(cfg, "base_cache_dir", None))
             metrics = evaluate_run(peft_model, test_loader, heldout_loader)
             peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
             peft_model.save_pretrained(Path(out_dir) / "adapters" / tag)

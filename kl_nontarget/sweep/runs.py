@@ -88,8 +88,13 @@ def make_lora_model(base_model, seed, r=8, alpha=16, target_modules=None):
 
 
 def finetune(base_model, train_rows, pad_id, *, method, kl_weight, lr, steps, seed, batch_size, lora_r=8,
-             lora_alpha=16, lora_targets=None, callbacks=(), desc="run", progress=True):
-    """Trains a fresh LoRA adapter on `train_rows` and returns the PEFT model."""
+             lora_alpha=16, lora_targets=None, callbacks=(), desc="run", progress=True, precompute_base=False,
+             base_cache_dir=None):
+    """Trains a fresh LoRA adapter on `train_rows` and returns the PEFT model.
+
+    `precompute_base`, `base_cache_dir`: the non-target KL runs' base hidden-state cache (`NonTargetKLTrainer`), so
+    the runs of a sweep on one base model and data share one base pass.
+    """
     from transformers import Trainer, TrainingArguments
 
     if method not in METHODS:
@@ -105,8 +110,11 @@ def finetune(base_model, train_rows, pad_id, *, method, kl_weight, lr, steps, se
         if method == "lora":
             trainer = Trainer(**common)
         else:
-            cls = NonTargetKLTrainer if method == "nontarget_kl" else FullKLTrainer
-            trainer = cls(**common, kl_weight=kl_weight)
+            if method == "nontarget_kl":
+                trainer = NonTargetKLTrainer(**common, kl_weight=kl_weight, precompute_base=precompute_base,
+                                             base_cache_dir=base_cache_dir)
+            else:  # the full KL needs the base logits: no cache
+                trainer = FullKLTrainer(**common, kl_weight=kl_weight)
         quiet_trainer(trainer)
         trainer.add_callback(TqdmCallback(desc, disable=not progress))
         for cb in callbacks:
