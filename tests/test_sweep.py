@@ -44,7 +44,7 @@ def test_sweep_end_to_end(model_folder, tmp_path, capsys):  # noqa: F811
     assert "least forgetting at matched target loss" in capsys.readouterr().out
 
 
-def test_sweep_messages_and_user_retention_data(model_folder, tmp_path):  # noqa: F811
+def test_sweep_messages_and_user_retention_data(model_folder, tmp_path, capsys):  # noqa: F811
     data = messages_file(tmp_path / "chat.jsonl")
     retention = tmp_path / "retention.jsonl"
     retention.write_text("".join(json.dumps({"text": f"w{i} w{i + 1} w{i + 2} w{i + 3} ."}) + "\n" for i in range(6)))
@@ -55,6 +55,7 @@ def test_sweep_messages_and_user_retention_data(model_folder, tmp_path):  # noqa
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results["runs"]] == ["lora", "nontarget_kl"]
+    assert "full_kl" not in capsys.readouterr().out  # no baseline asked for: none reported
     assert results["config"]["extra"]["retention"] == str(retention)
 
 

@@ -26,7 +26,7 @@ def plot_frontier(results, path):
                 ax.scatter(r["forgetting"], r["target_loss"], s=10, alpha=0.25, color=COLORS[r["method"]],
                            linewidths=0)
         lora = agg.get((task, "lora", 0.0))
-        for method in ("nontarget_kl", "full_kl"):
+        for method in [m for m in ("nontarget_kl", "full_kl") if any(me == m for (t, me, _w) in agg if t == task)]:
             pts = sorted((w, m) for (t, me, w), m in agg.items() if t == task and me == method)
             if lora is not None:
                 pts = [(0.0, lora)] + pts

@@ -30,7 +30,7 @@ def matched(results, tolerance=None):
         lora = agg.get((task, "lora", 0.0))
         if lora is None:
             continue
-        for method in ("nontarget_kl", "full_kl"):
+        for method in [m for m in ("nontarget_kl", "full_kl") if any(me == m for (t, me, _w) in agg if t == task)]:
             ok = [(m["forgetting"], w, m) for (t, me, w), m in agg.items()
                   if t == task and me == method and m["target_loss"] <= lora["target_loss"] + tol]
             if not ok:
