@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kl_nontarget.sft_cli import DEFAULT_TASK_LEARNING_RATE
 from kl_nontarget.sft_cli import PROG as SFT_PROG
 from kl_nontarget.sft_cli import SFTRun, model_init_kwargs, parse_args
 from kl_nontarget.sft_data import InputError, default_task, load_datasets, resolve_model_path
@@ -73,7 +74,7 @@ def _prepare(run: SFTRun, sweep: SweepArguments, log=print):
         log(f"{PROG}: no model and no dataset given: the demo's base model on its 'shifted' task")
         model_path, train, evaluation = default_task(log=log)
         if "learning_rate" not in run.given:
-            run.training.learning_rate = 1e-2
+            run.training.learning_rate = DEFAULT_TASK_LEARNING_RATE
         return model_path, train, evaluation, sweep.task_name or "shifted"
     if run.model.model_name_or_path is None or not has_data:
         raise InputError("pass both --model_name_or_path and --dataset_name (or neither, for the embedded demo task)")
