@@ -18,9 +18,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kl_nontarget.sft_cli import DEFAULT_TASK_LEARNING_RATE
+from kl_nontarget.sft_cli import DEFAULT_TASK_LEARNING_RATE, SFTRun, model_init_kwargs, parse_args
 from kl_nontarget.sft_cli import PROG as SFT_PROG
-from kl_nontarget.sft_cli import SFTRun, model_init_kwargs, parse_args
 from kl_nontarget.sft_data import InputError, default_task, load_datasets, resolve_model_path
 
 PROG = "kl-nontarget sweep"
