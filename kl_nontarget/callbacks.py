@@ -18,6 +18,7 @@ import warnings
 
 from transformers import TrainerCallback
 
+from kl_nontarget.base_model import unwrap_model
 from kl_nontarget.metrics import forgetting_metrics
 from kl_nontarget.retention import batches, has_text, rows_from_data, sample_from_base
 
@@ -106,7 +107,7 @@ class ForgettingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         # Draw the sample before any update, so it comes from the base whatever the adapters are.
         if model is not None:
-            self.retention_rows(_unwrap(model), processing_class)
+            self.retention_rows(unwrap_model(model), processing_class)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kwargs):
         self._report(state, model, processing_class, metrics)
@@ -121,7 +122,7 @@ class ForgettingCallback(TrainerCallback):
         if self._last_step == state.global_step and metrics is not None and self._last_values is not None:
             metrics.update(self._last_values)  # several eval datasets at one step: measure once
             return
-        values = self.measure(_unwrap(model), processing_class)
+        values = self.measure(unwrap_model(model), processing_class)
         self._last_step, self._last_values = state.global_step, values
         if metrics is not None:
             metrics.update(values)
@@ -134,10 +135,3 @@ class ForgettingCallback(TrainerCallback):
             warnings.warn("ForgettingCallback was created without trainer=: eval_forgetting reaches the metrics and "
                           "state.log_history, but not the reporting integrations; use ForgettingCallback(trainer, ...)"
                           " or callback.attach(trainer)", UserWarning, stacklevel=2)
-
-
-def _unwrap(model):
-    # DDP / torch.compile wrappers: the measurement runs on the module itself.
-    while hasattr(model, "module") and not hasattr(model, "disable_adapter"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
