@@ -118,10 +118,18 @@ def _check_linear_inputs(hidden, ref_hidden, weight, labels, bias, ref_weight, l
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def head_logits(h, w, b, logit_scale=1.0, softcap=None, keep_tanh=False):
+def head_logits(h, w, b, logit_scale=1.0, softcap=None, keep_tanh=False, out=None):
     """(logits in h's dtype, float32 tanh for the chain rule or None) of one chunk: the LM head's transform
-    `softcap * tanh(logit_scale * (h @ w.T + b) / softcap)` (no tanh when `softcap` is None), written once."""
-    x = F.linear(h, w, b)
+    `softcap * tanh(logit_scale * (h @ w.T + b) / softcap)` (no tanh when `softcap` is None), written once.
+
+    `out`: a contiguous (rows, V) buffer for `h @ w.T + b` (2-D `h`); without a soft-cap it holds the logits.
+    """
+    if out is None:
+        x = F.linear(h, w, b)
+    elif b is None:
+        x = torch.mm(h, w.t(), out=out)
+    else:
+        x = torch.addmm(b, h, w.t(), out=out)
     if softcap is None:
         if logit_scale != 1.0:
             x.mul_(logit_scale)
@@ -132,14 +140,15 @@ def head_logits(h, w, b, logit_scale=1.0, softcap=None, keep_tanh=False):
     return logits, (t if keep_tanh else None)
 
 
-def head_logits_pair(h, hb, w, b, logit_scale=1.0, softcap=None, keep_tanh=False):
+def head_logits_pair(h, hb, w, b, logit_scale=1.0, softcap=None, keep_tanh=False, out=None):
     """`head_logits` of the adapted rows `h` and the base rows `hb` through one head: one matmul of the stacked rows
     (the head's weight is read once per chunk instead of twice, and a taller matmul runs faster on a CPU).
 
-    Returns (logits of h, logits of hb, float32 tanh of h's rows or None); the logits are views of one block.
+    Returns (logits of h, logits of hb, float32 tanh of h's rows or None); the logits are views of one block, `out`
+    (2 x rows, V) when given and there is no soft-cap.
     """
     n = h.shape[0]
-    x, t = head_logits(torch.cat([h, hb]), w, b, logit_scale, softcap, keep_tanh)
+    x, t = head_logits(torch.cat([h, hb]), w, b, logit_scale, softcap, keep_tanh, out=out)
     return x[:n], x[n:], (t[:n] if t is not None else None)
 
 
@@ -178,20 +187,32 @@ class _Chunks:
         w = weight.detach()
         b = bias.detach() if bias is not None else None
         rw = self.ref_weight if self.ref_weight is not None else w
+        # One logits block and one gradient block serve every chunk: a fresh allocation of that size is new memory
+        # on a CPU, and its first touch (page faults) costs about as much as a pass of the row function.
+        width = min(self.chunk, rows.numel())
+        logits_buf = grad_buf = None
+        if self.ref_weight is None and width > 0:
+            logits_buf = torch.empty(2 * width, w.shape[0], dtype=h2.dtype, device=h2.device)
+        if compute_grad and width > 0:
+            grad_buf = torch.empty(width, w.shape[0], dtype=h2.dtype, device=h2.device)
         # The chunk is computed in the inputs' dtype whatever autocast says (the gradients must match it).
         with torch.no_grad(), torch.autocast(h2.device.type, enabled=False):
             for start in range(0, rows.numel(), self.chunk):
                 r = rows[start:start + self.chunk]
+                m = r.numel()
                 h = h2.index_select(0, r)
                 hb = self.ref_hidden.index_select(0, r)
                 if self.ref_weight is None:
-                    z, zb, t = head_logits_pair(h, hb, w, b, self.logit_scale, self.softcap, keep_tanh=compute_grad)
+                    z, zb, t = head_logits_pair(h, hb, w, b, self.logit_scale, self.softcap, keep_tanh=compute_grad,
+                                                out=logits_buf[:2 * m])
                 else:
                     z, t = head_logits(h, w, b, self.logit_scale, self.softcap, keep_tanh=compute_grad)
                     zb, _ = head_logits(hb, rw, b, self.logit_scale, self.softcap, False)
                 del hb
+                # z and zb are this chunk's own temporaries: the row function may overwrite them.
                 c_ce, c_kl, g = self.params.rows(z, zb, self.labels.index_select(0, r), grad_scale=grad_scale,
-                                                 compute_grad=compute_grad)
+                                                 compute_grad=compute_grad, scratch=True,
+                                                 out=grad_buf[:m] if compute_grad else None)
                 del z, zb
                 ce.index_copy_(0, r, c_ce.to(ce.dtype))
                 kl.index_copy_(0, r, c_kl.to(kl.dtype))

@@ -125,11 +125,12 @@ class RowParams:
         """Factor of the row gradients: 1/D, or 1 for "none" (the backward multiplies by each row's gradient)."""
         return torch.ones_like(self.scale) if self.reduction == "none" else self.scale
 
-    def rows(self, logits, ref_logits, labels, *, grad_scale, compute_grad):
-        """(ce, kl, grad) of the backend's row function on one block of rows."""
+    def rows(self, logits, ref_logits, labels, *, grad_scale, compute_grad, scratch=False, out=None):
+        """(ce, kl, grad) of the backend's row function on one block of rows; `scratch=True`: the caller's
+        temporaries `logits` and `ref_logits` may be overwritten; `out`: a buffer like `logits` for the gradient."""
         return self.rows_fn(logits, ref_logits, labels, grad_scale=grad_scale, compute_grad=compute_grad,
                             kl_weight=self.kl_weight, temperature=self.temperature, ignore_index=self.ignore_index,
-                            reverse=self.reverse)
+                            reverse=self.reverse, scratch=scratch, out=out)
 
     def reduce(self, ce, kl):
         """(loss, ce, kl) reduced from per-row values: scaled sums, or per position for "none"."""

@@ -25,16 +25,19 @@ def _safe(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
 
-def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtype, scale=None, out=None):
+def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtype, scale=None, out=None,
+          scratch=False):
     """Loss statistics (and gradient times `scale`) for a chunk of valid rows. Returns (ce, kl, grad or None).
 
     `out`, when given, is a contiguous (rows, V) tensor of dtype `cdtype` that becomes the gradient (no copy).
+    `scratch`: `z_in` and `b_in` are the caller's temporaries and are overwritten (no working copies).
     """
     inv_t = 1.0 / temperature
     scaled = temperature != 1.0
     idx = y[:, None]
-    z = z_in.to(cdtype, copy=True)
-    b = b_in.to(cdtype, copy=True)
+    # Working copies: every later step writes into z and b in place.
+    z = z_in if scratch and z_in.dtype == cdtype else z_in.to(cdtype, copy=True)
+    b = b_in if scratch and b_in.dtype == cdtype else b_in.to(cdtype, copy=True)
     z_y = z.gather(1, idx).squeeze(1)
     b_y = b.gather(1, idx).squeeze(1)
     # Mask the gold entry in both rows: everything below is over the non-target entries only.
@@ -134,11 +137,14 @@ def _rows(z_in, b_in, y, *, kl_weight, temperature, reverse, compute_grad, cdtyp
 
 
 def nontarget_ce_rows(logits, ref_logits, labels, *, kl_weight, temperature, ignore_index, reverse,
-                      grad_scale, compute_grad, chunk_rows=None):
+                      grad_scale, compute_grad, chunk_rows=None, scratch=False, out=None):
     """Per-row CE and non-target KL of 2-D `logits`/`ref_logits` (N, V), and the scaled gradient.
 
     Returns `(ce, kl, grad)`: `ce`, `kl` of shape (N,) (0 at ignored rows), `grad` (N, V) in the logits' dtype
-    already multiplied by `grad_scale` (a 0-dim tensor), or None when `compute_grad` is False.
+    already multiplied by `grad_scale` (a 0-dim tensor), or None when `compute_grad` is False. With `scratch=True`
+    the caller gives up `logits` and `ref_logits` (temporaries it drops afterwards): they are overwritten instead of
+    copied, two passes fewer over each chunk. `out`, a contiguous tensor like `logits`, receives the gradient
+    (a caller that reuses one buffer saves the first-touch cost of a new N x V allocation).
     """
     n, v = logits.shape
     cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -149,8 +155,11 @@ def nontarget_ce_rows(logits, ref_logits, labels, *, kl_weight, temperature, ign
     grad = None
     if compute_grad:
         # Every supervised row is written below; only the ignored ones need zeros.
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if all_rows else \
-            torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        if out is not None:
+            grad = out if all_rows else out.zero_()
+        else:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if all_rows else \
+                torch.zeros_like(logits, memory_format=torch.contiguous_format)
     scale = grad_scale.to(device=logits.device, dtype=cdtype)
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_BYTES // (6 * v * (8 if cdtype == torch.float64 else 4)))
@@ -161,15 +170,16 @@ def nontarget_ce_rows(logits, ref_logits, labels, *, kl_weight, temperature, ign
             stop = min(start + chunk_rows, n)
             out = grad[start:stop] if compute_grad and grad.dtype == cdtype else None
             c_ce, c_kl, c_grad = _rows(logits[start:stop], ref_logits[start:stop], labels[start:stop], out=out,
-                                       **opts)
+                                       scratch=scratch, **opts)
             ce[start:stop] = c_ce
             kl[start:stop] = c_kl
             if compute_grad and c_grad is not out:
                 grad[start:stop].copy_(c_grad)
             continue
         r = rows[start:start + chunk_rows]
+        # index_select makes new tensors: they are the scratch copies.
         c_ce, c_kl, c_grad = _rows(logits.index_select(0, r), ref_logits.index_select(0, r),
-                                   labels.index_select(0, r), **opts)
+                                   labels.index_select(0, r), scratch=True, **opts)
         ce.index_copy_(0, r, c_ce)
         kl.index_copy_(0, r, c_kl)
         if compute_grad:

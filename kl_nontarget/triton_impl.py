@@ -23,18 +23,21 @@ def default_block_size(v: int, dtype: torch.dtype) -> int:
 
 
 def nontarget_ce_rows(logits, ref_logits, labels, *, kl_weight, temperature, ignore_index, reverse,
-                      grad_scale, compute_grad, block_size=None):
+                      grad_scale, compute_grad, block_size=None, scratch=False, out=None):
     """Per-row CE and non-target KL of 2-D `logits`/`ref_logits` (N, V) and the scaled gradient.
 
     Same contract as `kl_nontarget.torch_impl.nontarget_ce_rows`: returns `(ce, kl, grad)`, `ce` and `kl` float32
-    of shape (N,), `grad` (N, V) in the logits' dtype already multiplied by `grad_scale`, or None.
+    of shape (N,), `grad` (N, V) in the logits' dtype already multiplied by `grad_scale`, or None; `out` is a
+    buffer for `grad`. `scratch` is accepted for that contract and has no effect: the kernel never writes its inputs.
     """
     n = logits.shape[0]
     device = logits.device
     ce = torch.empty(n, dtype=torch.float32, device=device)
     kl = torch.empty(n, dtype=torch.float32, device=device)
     # Every row of the gradient is written by the kernel (ignored rows with zeros): no memset needed.
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
+    grad = None
+    if compute_grad:
+        grad = out if out is not None else torch.empty_like(logits, memory_format=torch.contiguous_format)
     if n == 0:
         return ce, kl, grad
     args, meta = launch_arguments(logits, ref_logits, labels, grad, ce, kl, grad_scale, kl_weight=kl_weight,

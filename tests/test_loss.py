@@ -190,6 +190,19 @@ def test_kl_gradient_leaves_gold_logit_alone(backend):
     torch.testing.assert_close(g_both[rows, labels], g_ce[rows, labels], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.4])
+def test_inputs_are_left_unchanged(backend, dtype, ignore_frac):
+    # The torch backend works in place on its chunk copies (and on the fused path's own temporaries): the caller's
+    # logits must come back untouched, with every row supervised (slices) and with some ignored (gathered rows).
+    logits, ref, labels = make_inputs((9,), 37, dtype=dtype, ignore_frac=ignore_frac, seed=3)
+    z, b = logits.clone().requires_grad_(), ref.clone()
+    nontarget_kl_loss(z, b, labels, backend=backend, kl_weight=0.7, temperature=1.5).backward()
+    assert torch.equal(z.detach(), logits) and torch.equal(b, ref)
+    assert z.grad.abs().sum() > 0
+
+
 def test_backends_agree_without_grad():
     logits, ref, labels = make_inputs((3, 4), 26)
     with torch.no_grad():
