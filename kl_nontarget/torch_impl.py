@@ -168,12 +168,12 @@ def nontarget_ce_rows(logits, ref_logits, labels, *, kl_weight, temperature, ign
     for start in range(0, rows.numel(), chunk_rows):
         if all_rows:  # rows start..stop: slices, and in the compute dtype the gradient is written in place
             stop = min(start + chunk_rows, n)
-            out = grad[start:stop] if compute_grad and grad.dtype == cdtype else None
-            c_ce, c_kl, c_grad = _rows(logits[start:stop], ref_logits[start:stop], labels[start:stop], out=out,
-                                       scratch=scratch, **opts)
+            grad_rows = grad[start:stop] if compute_grad and grad.dtype == cdtype else None
+            c_ce, c_kl, c_grad = _rows(logits[start:stop], ref_logits[start:stop], labels[start:stop],
+                                       out=grad_rows, scratch=scratch, **opts)
             ce[start:stop] = c_ce
             kl[start:stop] = c_kl
-            if compute_grad and c_grad is not out:
+            if compute_grad and c_grad is not grad_rows:
                 grad[start:stop].copy_(c_grad)
             continue
         r = rows[start:start + chunk_rows]
