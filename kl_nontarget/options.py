@@ -20,7 +20,6 @@ from typing import Literal, Union
 
 DIRECTIONS = ("forward", "reverse")
 FUSED_LINEAR_OPTIONS = (True, False, "auto")
-PRECOMPUTE_BASE_OPTIONS = (True, False, "auto")
 
 KLDirection = Literal["forward", "reverse"]
 FusedLinear = Union[bool, Literal["auto"]]
@@ -55,18 +54,20 @@ def is_positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def _check_true_false_auto(name, value) -> None:
+    """ValueError unless `value` is True, False or "auto" (not 1, 0 or another string)."""
+    if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
+        raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
+
+
 def check_fused_linear(fused_linear) -> None:
     """ValueError unless `fused_linear` is True, False or "auto"."""
-    if not (fused_linear is True or fused_linear is False or (isinstance(fused_linear, str)
-                                                               and fused_linear in FUSED_LINEAR_OPTIONS)):
-        raise ValueError(f"fused_linear must be True, False or 'auto', got {fused_linear!r}")
+    _check_true_false_auto("fused_linear", fused_linear)
 
 
 def check_precompute_base(precompute_base, base_cache_dir) -> None:
     """ValueError/TypeError unless `precompute_base` is True, False or "auto" and `base_cache_dir` a path or None."""
-    if not (precompute_base is True or precompute_base is False
-            or (isinstance(precompute_base, str) and precompute_base == "auto")):
-        raise ValueError(f"precompute_base must be True, False or 'auto', got {precompute_base!r}")
+    _check_true_false_auto("precompute_base", precompute_base)
     if base_cache_dir is not None and not isinstance(base_cache_dir, (str, os.PathLike)):
         raise TypeError(f"base_cache_dir must be a path or None, got {type(base_cache_dir).__name__}")
 

@@ -44,12 +44,6 @@ from kl_nontarget.precompute import INDEX_KEY, BasePrecompute, split_index, stat
 from kl_nontarget.ref_adapter import check_base_source
 
 
-def check_options(kl_weight, temperature, kl_direction, fused_linear="auto") -> None:
-    """TypeError/ValueError for bad regularizer options (kept for callers; `RegularizerOptions` does the checks)."""
-    RegularizerOptions(kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
-                       fused_linear=fused_linear)
-
-
 class NonTargetKLMixin(UsesRegularizerOptions):
     """Loss, logging and evaluation of the non-target KL for a `transformers.Trainer` subclass.
 
