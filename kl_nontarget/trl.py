@@ -25,7 +25,7 @@ import torch
 import trl
 from torch import nn
 
-from kl_nontarget.base_model import is_peft_model, is_trl_fused_forward, unwrap_model
+from kl_nontarget.base_model import is_trl_fused_forward, transformers_model
 from kl_nontarget.batch import BatchHidden, head_tensors
 from kl_nontarget.config import NonTargetKLArguments
 from kl_nontarget.hook import NonTargetKLLossFunc, nontarget_kl_loss_func
@@ -61,8 +61,7 @@ def _bf16_device_available() -> bool:
 
 def remove_trl_patch(model: nn.Module) -> None:
     """Undo TRL's `add_fused_lm_head` instance patch (this trainer never calls `fused_lm_head=True`)."""
-    model = unwrap_model(model)
-    base = model.get_base_model() if is_peft_model(model) else model
+    base = transformers_model(model)
     if is_trl_fused_forward(base.__dict__.get("forward")):
         del base.__dict__["forward"]
 
