@@ -73,12 +73,13 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
         self.component_log = ComponentLog()
         self._trainer = None  # the Trainer calling this loss, once seen (its log and evaluation_loop are wrapped)
         self._checked = False
-        if ref_model is not None or ref_adapter_name is not None or has_adapters(self.model):
+        adapters = has_adapters(self.model)
+        if ref_model is not None or ref_adapter_name is not None or adapters:
             # A plain model may still be wrapped later (SFTTrainer(peft_config=...)): then check at the first call.
             self._check()
         self._captured = None
         self._in_base_pass = False
-        if self.options.fused_linear is True and (ref_model is not None or has_adapters(self.model)):
+        if self.options.fused_linear is True and (ref_model is not None or adapters):
             require_fused(self.model, ref_model)
         self._handles = [self.model.register_forward_pre_hook(self._capture, with_kwargs=True)]
         embeddings = _input_embeddings(self.model)
@@ -104,12 +105,12 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
             replaced = (args, kwargs)
         self._release_head()
         device_type = next((v.device.type for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), "cpu")
+        training = module.training and torch.is_grad_enabled()
         self._captured = {"args": tuple(args), "kwargs": dict(kwargs), "device_type": device_type,
-                          "autocast": autocast_state(device_type),
-                          "training": module.training and torch.is_grad_enabled()}
+                          "autocast": autocast_state(device_type), "training": training}
         # A training forward (train mode, gradients on, no labels: the Trainer popped them for compute_loss_func)
         # hands its final hidden states to the loss; its head then projects the last position only.
-        training_forward = (module.training and torch.is_grad_enabled()
+        training_forward = (training
                             and not any(kwargs.get(k) is not None for k in ("labels", "shift_labels", "logits_to_keep"))
                             and not kwargs.get("output_hidden_states"))
         if training_forward:
@@ -180,8 +181,8 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
                                                                       self.options.kl_target))
         # MoE: the router's load-balancing loss of the adapted pass, as the model's own loss adds it.
         aux = getattr(outputs, "aux_loss", None)
-        coef = router_aux_loss_coef(self.model)
-        if aux is not None and coef != 0:
+        coef = router_aux_loss_coef(self.model) if aux is not None else 0
+        if coef != 0:
             loss = loss + coef * aux.to(loss.device)
         # No `average_tokens_across_devices` scaling here: the Trainer applies it to compute_loss_func's loss.
         return loss

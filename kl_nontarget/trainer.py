@@ -229,8 +229,10 @@ class NonTargetKLMixin(UsesRegularizerOptions):
         """MoE models returning `aux_loss`: add `router_aux_loss_coef * aux_loss` of the adapted pass, as the model's
         own loss does under `Trainer` (inside the loss that the data-parallel factor `scale` multiplies)."""
         aux = getattr(outputs, "aux_loss", None) if outputs is not None else None
+        if aux is None:
+            return loss
         coef = router_aux_loss_coef(self.model)
-        if aux is None or coef == 0:
+        if coef == 0:
             return loss
         return loss + (coef * scale) * aux.to(loss.device)
 
