@@ -183,7 +183,8 @@ def forgetting_metrics(model, dataloader, *, base_model=None, ignore_index=-100,
                 base_inputs = {k: (v.to(device_of(base)) if isinstance(v, torch.Tensor) else v)
                                for k, v in inputs.items()}
                 base_logits = _logits(base, base_inputs).to(device)
-            logits = _logits(model, inputs)
+            # base_model=model (the base record of a demo or sweep): one forward gives both.
+            logits = base_logits if base_model is model else _logits(model, inputs)
             stats = token_statistics(logits, labels[:, 1:], base_logits, ignore_index=ignore_index)
             for k in keys:
                 sums[k] += stats[k]
