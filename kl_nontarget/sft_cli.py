@@ -16,14 +16,18 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from kl_nontarget.sft_data import InputError, default_task, load_datasets, model_forms, resolve_model_path
 from kl_nontarget.sft_launch import already_launched, launch_arguments, relaunch
 from kl_nontarget.trl import NonTargetKLSFTConfig, NonTargetKLSFTTrainer
+
+T = TypeVar("T")
 
 PROG = "kl-nontarget sft"
 # The embedded default trains a toy model: TRL's default learning rate (2e-5) would not move it in a short run.
@@ -216,24 +220,38 @@ def summary(trainer, run: SFTRun) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`kl-nontarget sft ...`: 0 on success, 2 for bad input (one message on stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def run_command(prog: str, body: Callable[[], T]) -> T | int:
+    """`body()` as a command runs it: bad input (`InputError`) prints one message on stderr and gives exit code 2,
+    `--help` (SystemExit) its code. `kl-nontarget sft` and `kl-nontarget sweep` both run through here."""
     try:
         with warnings.catch_warnings():
             # TRL's configs turn on gradient checkpointing, which transformers 5.x renames and warns about on every
             # run: noise the user cannot act on.
             warnings.filterwarnings("ignore", message=r".*gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
-            run = parse_args(argv)
-            if run.launch_args and not already_launched():
-                return relaunch(argv, run.launch_args, run.launch_cli)
-            trainer = train(run)
+            return body()
     except InputError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except SystemExit as done:  # --help
         return int(done.code or 0)
+
+
+def _parse_and_train(argv: list[str]) -> tuple[Any, SFTRun] | int:
+    """(trainer, run) once trained, or the exit code of a relaunch under `accelerate launch`."""
+    run = parse_args(argv)
+    if run.launch_args and not already_launched():
+        return relaunch(argv, run.launch_args, run.launch_cli)
+    return train(run), run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`kl-nontarget sft ...`: 0 on success, 2 for bad input (one message on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    result = run_command(PROG, lambda: _parse_and_train(argv))
+    if isinstance(result, int):
+        return result
+    trainer, run = result
     if trainer.is_world_process_zero():
         print(summary(trainer, run))
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, release the process group

@@ -18,8 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kl_nontarget.sft_cli import DEFAULT_TASK_LEARNING_RATE, SFTRun, model_init_kwargs, parse_args
-from kl_nontarget.sft_cli import PROG as SFT_PROG
+from kl_nontarget.sft_cli import DEFAULT_TASK_LEARNING_RATE, SFTRun, model_init_kwargs, parse_args, run_command
 from kl_nontarget.sft_data import InputError, default_task, load_datasets, resolve_model_path
 
 PROG = "kl-nontarget sweep"
@@ -202,17 +201,11 @@ def run_sweep(run: SFTRun, sweep: SweepArguments, log=print, progress=True) -> d
 def main(argv: list[str] | None = None) -> int:
     """`kl-nontarget sweep ...`: 0 on success, 2 for bad input (one message on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
-            run = parse_args(argv, extra_types=(SweepArguments,), prog=PROG)
-            (sweep,) = run.extras
-            sweep.check()
-            run_sweep(run, sweep)
-    except InputError as err:
-        print(f"{PROG}: error: {str(err).replace(SFT_PROG, PROG)}", file=sys.stderr)
-        return 2
-    except SystemExit as done:  # --help
-        return int(done.code or 0)
-    return 0
+
+    def parse_and_sweep() -> int:
+        run = parse_args(argv, extra_types=(SweepArguments,), prog=PROG)
+        (sweep,) = run.extras
+        run_sweep(run, sweep)  # checks the sweep's options first
+        return 0
+
+    return run_command(PROG, parse_and_sweep)
