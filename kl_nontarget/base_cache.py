@@ -176,21 +176,19 @@ def hash_examples(h, examples: Iterable[dict]) -> int:
     return n
 
 
-def cache_fingerprint(*, weights: Iterable[tuple[str, torch.Tensor]], examples: Iterable[dict], collate: Callable,
-                      probe: Sequence[dict], facts: dict) -> str:
-    """A hex digest of everything the cached rows depend on.
-
-    - `weights`: every parameter and buffer of the base model, by value (all of their bytes; see
-      docs/design.md, "The base hidden-state cache", for why not a cheaper proxy);
-    - `examples`: the prepared examples as the collator receives them (token ids, labels, any other column), so the
-      tokenisation and the data preparation are covered by what they produced;
-    - `collate` and `probe`: the collator's class and simple attributes, and its output on a few examples;
-    - `facts`: the rest (model config, dtype, autocast, device type, library versions).
-    """
+def fingerprint_prefix(*, weights: Iterable[tuple[str, torch.Tensor]], facts: dict):
+    """The hasher after the format version, `facts` and `weights`: the part of `cache_fingerprint` that every dataset
+    of one base model shares, so several datasets hash the weights once (`fingerprint_from` continues a copy)."""
     h = hashlib.blake2b(digest_size=20)
     h.update(f"kl_nontarget base cache v{FORMAT_VERSION}".encode())
     _feed(h, {k: facts[k] for k in sorted(facts)})
     hash_tensors(h, weights)
+    return h
+
+
+def fingerprint_from(prefix, *, examples: Iterable[dict], collate: Callable, probe: Sequence[dict]) -> str:
+    """`cache_fingerprint` from its `fingerprint_prefix` (left as it is: the hashing goes on in a copy)."""
+    h = prefix.copy()
     h.update(b"examples")
     h.update(str(hash_examples(h, examples)).encode())
     inner = collate
@@ -203,6 +201,21 @@ def cache_fingerprint(*, weights: Iterable[tuple[str, torch.Tensor]], examples: 
     if probe:
         _feed(h, dict(collate(list(probe))))
     return h.hexdigest()
+
+
+def cache_fingerprint(*, weights: Iterable[tuple[str, torch.Tensor]], examples: Iterable[dict], collate: Callable,
+                      probe: Sequence[dict], facts: dict) -> str:
+    """A hex digest of everything the cached rows depend on.
+
+    - `weights`: every parameter and buffer of the base model, by value (all of their bytes; see
+      docs/design.md, "The base hidden-state cache", for why not a cheaper proxy);
+    - `examples`: the prepared examples as the collator receives them (token ids, labels, any other column), so the
+      tokenisation and the data preparation are covered by what they produced;
+    - `collate` and `probe`: the collator's class and simple attributes, and its output on a few examples;
+    - `facts`: the rest (model config, dtype, autocast, device type, library versions).
+    """
+    return fingerprint_from(fingerprint_prefix(weights=weights, facts=facts), examples=examples, collate=collate,
+                            probe=probe)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ from kl_nontarget.base_cache import (
     CacheUnavailable,
     IndexCollator,
     build_cache,
-    cache_fingerprint,
     check_layout,
     default_cache_dir,
+    fingerprint_from,
+    fingerprint_prefix,
     load_cache,
     pop_index,
     with_index,
@@ -79,6 +80,7 @@ class BasePrecompute:
         self.caches: dict = {}  # split -> BaseHiddenCache
         self._originals: dict = {}
         self._warned = False
+        self._prefix = None  # the fingerprint's hash of the base model, shared by the splits of one `prepare`
         self.base_passes = 0  # batches the base model ran on to build caches (for tests and logs)
 
     @property
@@ -101,6 +103,7 @@ class BasePrecompute:
         if self.mode is False:
             return
         self.restore()
+        self._prefix = None  # the base model may have changed since the last call
         reason = static_blocker(self.trainer)
         if reason is not None:
             self.refuse_or_warn(reason)
@@ -156,13 +159,8 @@ class BasePrecompute:
         return compute_base_rows(model, batch, heads[1], ref_model=trainer.ref_model, unwrapped=model,
                                  base_context=trainer.accelerator.autocast())
 
-    def _cache_for(self, dataset, batch_size, split):
-        features, collate = self._features_and_collate(dataset, split)
-        if isinstance(features, torch.utils.data.IterableDataset) or not hasattr(features, "__len__"):
-            raise CacheUnavailable(f"the {split} dataset is not map-style, so its examples cannot be keyed")
-        n = len(features)
-        if n == 0:
-            raise CacheUnavailable(f"the {split} dataset is empty")
+    def _fingerprint_prefix(self):
+        """`fingerprint_prefix` of the base model: its weights and the facts about it, the same for every split."""
         trainer = self.trainer
         model = unwrap_model(trainer.model)
         base = trainer.ref_model if trainer.ref_model is not None else model
@@ -175,9 +173,21 @@ class BasePrecompute:
             "torch": torch.__version__,
             "transformers": _version("transformers"),
         }
+        return fingerprint_prefix(weights=base_weights(model, trainer.ref_model), facts=facts)
+
+    def _cache_for(self, dataset, batch_size, split):
+        features, collate = self._features_and_collate(dataset, split)
+        if isinstance(features, torch.utils.data.IterableDataset) or not hasattr(features, "__len__"):
+            raise CacheUnavailable(f"the {split} dataset is not map-style, so its examples cannot be keyed")
+        n = len(features)
+        if n == 0:
+            raise CacheUnavailable(f"the {split} dataset is empty")
+        trainer = self.trainer
+        if self._prefix is None:  # hashing every byte of the weights is the slow part: once per `prepare`
+            self._prefix = self._fingerprint_prefix()
         iterate = features.iter(batch_size=1000) if hasattr(features, "iter") else (features[i] for i in range(n))
-        fingerprint = cache_fingerprint(weights=base_weights(model, trainer.ref_model), examples=iterate,
-                                        collate=collate, probe=[features[i] for i in range(min(4, n))], facts=facts)
+        fingerprint = fingerprint_from(self._prefix, examples=iterate, collate=collate,
+                                       probe=[features[i] for i in range(min(4, n))])
         root = trainer.options.base_cache_dir or default_cache_dir()
         cache = load_cache(root, fingerprint, n)
         if cache is None:
