@@ -301,10 +301,6 @@ def load_cache(cache_dir, fingerprint: str, num_examples: int) -> BaseHiddenCach
                            path=path, fingerprint=fingerprint, computed=False)
 
 
-def _supervised_count(collate, feature) -> int:
-    return int((shifted_labels(collate([feature])) != IGNORE_INDEX).sum())
-
-
 def build_cache(*, cache_dir, fingerprint: str, features, collate: Callable,
                 base_rows: Callable[[dict], object], batch_size: int, progress: bool = True,
                 description: str = "base hidden states") -> BaseHiddenCache:
@@ -360,7 +356,9 @@ def split_rows(collate, chunk, rows) -> list[tuple[torch.Tensor, torch.Tensor, t
 
     The rows are stored in the dtype the loss uses them in: the autocast dtype when the head ran under autocast.
     """
-    counts = [_supervised_count(collate, f) for f in chunk]
+    alone = [collate([f]) for f in chunk]  # each example collated by itself, once
+    targets = [shifted_labels(batch) for batch in alone]
+    counts = [int((target != IGNORE_INDEX).sum()) for target in targets]
     if sum(counts) != rows.hidden.shape[0]:
         raise CacheUnavailable(f"a batch of {len(chunk)} examples has {rows.hidden.shape[0]} supervised positions, "
                                f"but its examples have {sum(counts)} when collated one at a time: the collator does "
@@ -370,12 +368,10 @@ def split_rows(collate, chunk, rows) -> list[tuple[torch.Tensor, torch.Tensor, t
     if enabled and dtype is not None and hidden.is_floating_point():
         hidden = hidden.to(dtype)
     out, start = [], 0
-    for feature, count in zip(chunk, counts):
-        alone = collate([feature])
-        target = shifted_labels(alone)
+    for lone, target, count in zip(alone, targets, counts):
         mask = target != IGNORE_INDEX
         ids, gold = rows.input_ids[start:start + count].cpu(), rows.labels[start:start + count].cpu()
-        if not (torch.equal(alone["input_ids"][mask].cpu(), ids) and torch.equal(target[mask].cpu(), gold)):
+        if not (torch.equal(lone["input_ids"][mask].cpu(), ids) and torch.equal(target[mask].cpu(), gold)):
             raise CacheUnavailable("an example's tokens or labels differ between its batch and its lone collation "
                                    "(a collator that is not deterministic, or that reorders tokens): the positions "
                                    "cannot be keyed")
