@@ -258,13 +258,15 @@ class BaseHiddenCache:
         if not (np.array_equal(ids, batch_ids) and np.array_equal(gold, batch_gold)):
             raise CacheMismatch("the batch's tokens or labels at its supervised positions differ from the cached "
                                 "ones")
-        blob = bytearray(b"".join(found["hidden"]))
-        hidden = torch.frombuffer(blob, dtype=self.dtype) if blob else torch.zeros(0, dtype=self.dtype)
-        return hidden.view(-1, self.hidden_size)
+        return self._rows_from_blob(bytearray().join(found["hidden"]))  # one copy of the (N, d) block
 
     def example_rows(self, i: int) -> torch.Tensor:
         """The (rows, d) base hidden states of example `i`."""
-        blob = bytearray(self.table[i]["hidden"])
+        return self._rows_from_blob(bytearray(self.table[i]["hidden"]))
+
+    def _rows_from_blob(self, blob: bytearray) -> torch.Tensor:
+        """The (rows, d) tensor over the raw bytes `blob`, without a copy (a bytearray: torch.frombuffer warns on a
+        read-only buffer such as bytes)."""
         hidden = torch.frombuffer(blob, dtype=self.dtype) if blob else torch.zeros(0, dtype=self.dtype)
         return hidden.view(-1, self.hidden_size)
 
