@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kl_nontarget import models
 from kl_nontarget.batch import IGNORE_INDEX, shifted_labels
 
 INDEX_KEY = "kl_base_index"
@@ -51,11 +52,9 @@ class CacheMismatch(Exception):
 
 
 def default_cache_dir() -> Path:
-    """`base_hidden` in the package's cache folder: `$KL_NONTARGET_CACHE`, else `$XDG_CACHE_HOME/kl-nontarget`, else
-    `~/.cache/kl-nontarget`."""
-    root = os.environ.get("KL_NONTARGET_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kl-nontarget")
-    return Path(root) / "base_hidden"
+    """`base_hidden` in the package's cache folder (`kl_nontarget.models.default_cache_dir`: `$KL_NONTARGET_CACHE`,
+    else `$XDG_CACHE_HOME/kl-nontarget`, else `~/.cache/kl-nontarget`)."""
+    return models.default_cache_dir() / "base_hidden"
 
 
 # --------------------------------------------------------------------------------------------------------------------
