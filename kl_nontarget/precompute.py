@@ -27,7 +27,6 @@ from kl_nontarget.base_cache import (
     fingerprint_from,
     fingerprint_prefix,
     load_cache,
-    pop_index,
     with_index,
 )
 from kl_nontarget.base_model import _adapter_parameter_ids, device_of, to_device, transformers_model, unwrap_model
@@ -223,11 +222,6 @@ class BasePrecompute:
                                    f"({err}); it is never used for a batch it does not match") from err
             self.refuse_or_warn(f"the cache does not match a batch ({err})")
             return None
-
-
-def split_index(inputs: dict):
-    """(the batch without the example indices, the indices or None): every loss call removes them first."""
-    return pop_index(inputs)
 
 
 def _version(name):
