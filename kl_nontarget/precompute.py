@@ -29,7 +29,14 @@ from kl_nontarget.base_cache import (
     load_cache,
     with_index,
 )
-from kl_nontarget.base_model import _adapter_parameter_ids, device_of, to_device, transformers_model, unwrap_model
+from kl_nontarget.base_model import (
+    _adapter_parameter_ids,
+    device_of,
+    to_device,
+    trainable_base_parameters,
+    transformers_model,
+    unwrap_model,
+)
 from kl_nontarget.batch import compute_base_rows, shifted_labels
 from kl_nontarget.batch_loss import step_heads
 
@@ -61,8 +68,7 @@ def static_blocker(trainer) -> str | None:
     if heads is None:
         return f"the fused-linear path is not available ({reason}); the cache stores hidden states, not logits"
     if trainer.ref_model is None:
-        adapters = _adapter_parameter_ids(unwrapped)
-        moving = [n for n, p in unwrapped.named_parameters() if p.requires_grad and id(p) not in adapters]
+        moving = trainable_base_parameters(unwrapped)
         if moving:
             return (f"{len(moving)} base-model parameters are trainable ({moving[0]}, ...): the base changes during "
                     "training (pass ref_model=)")
