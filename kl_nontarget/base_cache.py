@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kl_nontarget import models
 from kl_nontarget.batch import IGNORE_INDEX, shifted_labels
 
 INDEX_KEY = "kl_base_index"
@@ -51,11 +52,9 @@ class CacheMismatch(Exception):
 
 
 def default_cache_dir() -> Path:
-    """`base_hidden` in the package's cache folder: `$KL_NONTARGET_CACHE`, else `$XDG_CACHE_HOME/kl-nontarget`, else
-    `~/.cache/kl-nontarget`."""
-    root = os.environ.get("KL_NONTARGET_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kl-nontarget")
-    return Path(root) / "base_hidden"
+    """`base_hidden` in the package's cache folder (`kl_nontarget.models.default_cache_dir`: `$KL_NONTARGET_CACHE`,
+    else `$XDG_CACHE_HOME/kl-nontarget`, else `~/.cache/kl-nontarget`)."""
+    return models.default_cache_dir() / "base_hidden"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -176,21 +175,19 @@ def hash_examples(h, examples: Iterable[dict]) -> int:
     return n
 
 
-def cache_fingerprint(*, weights: Iterable[tuple[str, torch.Tensor]], examples: Iterable[dict], collate: Callable,
-                      probe: Sequence[dict], facts: dict) -> str:
-    """A hex digest of everything the cached rows depend on.
-
-    - `weights`: every parameter and buffer of the base model, by value (all of their bytes; see
-      docs/design.md, "The base hidden-state cache", for why not a cheaper proxy);
-    - `examples`: the prepared examples as the collator receives them (token ids, labels, any other column), so the
-      tokenisation and the data preparation are covered by what they produced;
-    - `collate` and `probe`: the collator's class and simple attributes, and its output on a few examples;
-    - `facts`: the rest (model config, dtype, autocast, device type, library versions).
-    """
+def fingerprint_prefix(*, weights: Iterable[tuple[str, torch.Tensor]], facts: dict):
+    """The hasher after the format version, `facts` and `weights`: the part of `cache_fingerprint` that every dataset
+    of one base model shares, so several datasets hash the weights once (`fingerprint_from` continues a copy)."""
     h = hashlib.blake2b(digest_size=20)
     h.update(f"kl_nontarget base cache v{FORMAT_VERSION}".encode())
     _feed(h, {k: facts[k] for k in sorted(facts)})
     hash_tensors(h, weights)
+    return h
+
+
+def fingerprint_from(prefix, *, examples: Iterable[dict], collate: Callable, probe: Sequence[dict]) -> str:
+    """`cache_fingerprint` from its `fingerprint_prefix` (left as it is: the hashing goes on in a copy)."""
+    h = prefix.copy()
     h.update(b"examples")
     h.update(str(hash_examples(h, examples)).encode())
     inner = collate
@@ -203,6 +200,21 @@ def cache_fingerprint(*, weights: Iterable[tuple[str, torch.Tensor]], examples: 
     if probe:
         _feed(h, dict(collate(list(probe))))
     return h.hexdigest()
+
+
+def cache_fingerprint(*, weights: Iterable[tuple[str, torch.Tensor]], examples: Iterable[dict], collate: Callable,
+                      probe: Sequence[dict], facts: dict) -> str:
+    """A hex digest of everything the cached rows depend on.
+
+    - `weights`: every parameter and buffer of the base model, by value (all of their bytes; see
+      docs/design.md, "The base hidden-state cache", for why not a cheaper proxy);
+    - `examples`: the prepared examples as the collator receives them (token ids, labels, any other column), so the
+      tokenisation and the data preparation are covered by what they produced;
+    - `collate` and `probe`: the collator's class and simple attributes, and its output on a few examples;
+    - `facts`: the rest (model config, dtype, autocast, device type, library versions).
+    """
+    return fingerprint_from(fingerprint_prefix(weights=weights, facts=facts), examples=examples, collate=collate,
+                            probe=probe)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -245,13 +257,15 @@ class BaseHiddenCache:
         if not (np.array_equal(ids, batch_ids) and np.array_equal(gold, batch_gold)):
             raise CacheMismatch("the batch's tokens or labels at its supervised positions differ from the cached "
                                 "ones")
-        blob = bytearray(b"".join(found["hidden"]))
-        hidden = torch.frombuffer(blob, dtype=self.dtype) if blob else torch.zeros(0, dtype=self.dtype)
-        return hidden.view(-1, self.hidden_size)
+        return self._rows_from_blob(bytearray().join(found["hidden"]))  # one copy of the (N, d) block
 
     def example_rows(self, i: int) -> torch.Tensor:
         """The (rows, d) base hidden states of example `i`."""
-        blob = bytearray(self.table[i]["hidden"])
+        return self._rows_from_blob(bytearray(self.table[i]["hidden"]))
+
+    def _rows_from_blob(self, blob: bytearray) -> torch.Tensor:
+        """The (rows, d) tensor over the raw bytes `blob`, without a copy (a bytearray: torch.frombuffer warns on a
+        read-only buffer such as bytes)."""
         hidden = torch.frombuffer(blob, dtype=self.dtype) if blob else torch.zeros(0, dtype=self.dtype)
         return hidden.view(-1, self.hidden_size)
 
@@ -286,10 +300,6 @@ def load_cache(cache_dir, fingerprint: str, num_examples: int) -> BaseHiddenCach
         return None
     return BaseHiddenCache(table=table, dtype=_DTYPES[meta["dtype"]], hidden_size=int(meta["hidden_size"]),
                            path=path, fingerprint=fingerprint, computed=False)
-
-
-def _supervised_count(collate, feature) -> int:
-    return int((shifted_labels(collate([feature])) != IGNORE_INDEX).sum())
 
 
 def build_cache(*, cache_dir, fingerprint: str, features, collate: Callable,
@@ -347,7 +357,9 @@ def split_rows(collate, chunk, rows) -> list[tuple[torch.Tensor, torch.Tensor, t
 
     The rows are stored in the dtype the loss uses them in: the autocast dtype when the head ran under autocast.
     """
-    counts = [_supervised_count(collate, f) for f in chunk]
+    alone = [collate([f]) for f in chunk]  # each example collated by itself, once
+    targets = [shifted_labels(batch) for batch in alone]
+    counts = [int((target != IGNORE_INDEX).sum()) for target in targets]
     if sum(counts) != rows.hidden.shape[0]:
         raise CacheUnavailable(f"a batch of {len(chunk)} examples has {rows.hidden.shape[0]} supervised positions, "
                                f"but its examples have {sum(counts)} when collated one at a time: the collator does "
@@ -357,12 +369,10 @@ def split_rows(collate, chunk, rows) -> list[tuple[torch.Tensor, torch.Tensor, t
     if enabled and dtype is not None and hidden.is_floating_point():
         hidden = hidden.to(dtype)
     out, start = [], 0
-    for feature, count in zip(chunk, counts):
-        alone = collate([feature])
-        target = shifted_labels(alone)
+    for lone, target, count in zip(alone, targets, counts):
         mask = target != IGNORE_INDEX
         ids, gold = rows.input_ids[start:start + count].cpu(), rows.labels[start:start + count].cpu()
-        if not (torch.equal(alone["input_ids"][mask].cpu(), ids) and torch.equal(target[mask].cpu(), gold)):
+        if not (torch.equal(lone["input_ids"][mask].cpu(), ids) and torch.equal(target[mask].cpu(), gold)):
             raise CacheUnavailable("an example's tokens or labels differ between its batch and its lone collation "
                                    "(a collator that is not deterministic, or that reorders tokens): the positions "
                                    "cannot be keyed")

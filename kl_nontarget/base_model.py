@@ -105,6 +105,12 @@ def _adapter_parameter_ids(model: nn.Module) -> set[int]:
     return ids
 
 
+def trainable_base_parameters(model: nn.Module) -> list[str]:
+    """The names of `model`'s trainable parameters that are not adapter parameters (the base model's own)."""
+    adapter_ids = _adapter_parameter_ids(model)
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids]
+
+
 def check_merged(model: nn.Module) -> None:
     """Raise a ValueError when any adapter layer of `model` is merged into its base weights."""
     merged = [m for m in tuner_layers(unwrap_model(model)) if getattr(m, "merged", False)]
@@ -165,8 +171,7 @@ def _warn_not_base(model: nn.Module) -> None:
             init = getattr(config, "init_lora_weights", True)
             if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
                 reasons.append(f"adapter {name!r} uses init_lora_weights={init!r}, which rewrites the base weights")
-    adapter_ids = _adapter_parameter_ids(model)
-    unfrozen = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids]
+    unfrozen = trainable_base_parameters(model)
     if unfrozen and not any("bias=" in r for r in reasons):
         shown = ", ".join(unfrozen[:3]) + (", ..." if len(unfrozen) > 3 else "")
         reasons.append(f"{len(unfrozen)} base-model parameters are trainable ({shown}), so the model with adapters "

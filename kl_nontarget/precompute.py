@@ -22,14 +22,21 @@ from kl_nontarget.base_cache import (
     CacheUnavailable,
     IndexCollator,
     build_cache,
-    cache_fingerprint,
     check_layout,
     default_cache_dir,
+    fingerprint_from,
+    fingerprint_prefix,
     load_cache,
-    pop_index,
     with_index,
 )
-from kl_nontarget.base_model import _adapter_parameter_ids, device_of, to_device, transformers_model, unwrap_model
+from kl_nontarget.base_model import (
+    _adapter_parameter_ids,
+    device_of,
+    to_device,
+    trainable_base_parameters,
+    transformers_model,
+    unwrap_model,
+)
 from kl_nontarget.batch import compute_base_rows, shifted_labels
 from kl_nontarget.batch_loss import step_heads
 
@@ -61,8 +68,7 @@ def static_blocker(trainer) -> str | None:
     if heads is None:
         return f"the fused-linear path is not available ({reason}); the cache stores hidden states, not logits"
     if trainer.ref_model is None:
-        adapters = _adapter_parameter_ids(unwrapped)
-        moving = [n for n, p in unwrapped.named_parameters() if p.requires_grad and id(p) not in adapters]
+        moving = trainable_base_parameters(unwrapped)
         if moving:
             return (f"{len(moving)} base-model parameters are trainable ({moving[0]}, ...): the base changes during "
                     "training (pass ref_model=)")
@@ -79,6 +85,7 @@ class BasePrecompute:
         self.caches: dict = {}  # split -> BaseHiddenCache
         self._originals: dict = {}
         self._warned = False
+        self._prefix = None  # the fingerprint's hash of the base model, shared by the splits of one `prepare`
         self.base_passes = 0  # batches the base model ran on to build caches (for tests and logs)
 
     @property
@@ -101,6 +108,7 @@ class BasePrecompute:
         if self.mode is False:
             return
         self.restore()
+        self._prefix = None  # the base model may have changed since the last call
         reason = static_blocker(self.trainer)
         if reason is not None:
             self.refuse_or_warn(reason)
@@ -156,13 +164,8 @@ class BasePrecompute:
         return compute_base_rows(model, batch, heads[1], ref_model=trainer.ref_model, unwrapped=model,
                                  base_context=trainer.accelerator.autocast())
 
-    def _cache_for(self, dataset, batch_size, split):
-        features, collate = self._features_and_collate(dataset, split)
-        if isinstance(features, torch.utils.data.IterableDataset) or not hasattr(features, "__len__"):
-            raise CacheUnavailable(f"the {split} dataset is not map-style, so its examples cannot be keyed")
-        n = len(features)
-        if n == 0:
-            raise CacheUnavailable(f"the {split} dataset is empty")
+    def _fingerprint_prefix(self):
+        """`fingerprint_prefix` of the base model: its weights and the facts about it, the same for every split."""
         trainer = self.trainer
         model = unwrap_model(trainer.model)
         base = trainer.ref_model if trainer.ref_model is not None else model
@@ -175,9 +178,21 @@ class BasePrecompute:
             "torch": torch.__version__,
             "transformers": _version("transformers"),
         }
+        return fingerprint_prefix(weights=base_weights(model, trainer.ref_model), facts=facts)
+
+    def _cache_for(self, dataset, batch_size, split):
+        features, collate = self._features_and_collate(dataset, split)
+        if isinstance(features, torch.utils.data.IterableDataset) or not hasattr(features, "__len__"):
+            raise CacheUnavailable(f"the {split} dataset is not map-style, so its examples cannot be keyed")
+        n = len(features)
+        if n == 0:
+            raise CacheUnavailable(f"the {split} dataset is empty")
+        trainer = self.trainer
+        if self._prefix is None:  # hashing every byte of the weights is the slow part: once per `prepare`
+            self._prefix = self._fingerprint_prefix()
         iterate = features.iter(batch_size=1000) if hasattr(features, "iter") else (features[i] for i in range(n))
-        fingerprint = cache_fingerprint(weights=base_weights(model, trainer.ref_model), examples=iterate,
-                                        collate=collate, probe=[features[i] for i in range(min(4, n))], facts=facts)
+        fingerprint = fingerprint_from(self._prefix, examples=iterate, collate=collate,
+                                       probe=[features[i] for i in range(min(4, n))])
         root = trainer.options.base_cache_dir or default_cache_dir()
         cache = load_cache(root, fingerprint, n)
         if cache is None:
@@ -213,11 +228,6 @@ class BasePrecompute:
                                    f"({err}); it is never used for a batch it does not match") from err
             self.refuse_or_warn(f"the cache does not match a batch ({err})")
             return None
-
-
-def split_index(inputs: dict):
-    """(the batch without the example indices, the indices or None): every loss call removes them first."""
-    return pop_index(inputs)
 
 
 def _version(name):

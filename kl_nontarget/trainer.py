@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from kl_nontarget.adaptive import AdaptiveKLWeight
+from kl_nontarget.base_cache import pop_index
 from kl_nontarget.base_model import is_compiled
 from kl_nontarget.batch import IGNORE_INDEX, BatchHidden, compute_batch_hidden, compute_batch_logits, shifted_labels
 from kl_nontarget.batch_loss import fused_loss, require_fused, step_heads
@@ -40,7 +41,7 @@ from kl_nontarget.integrations import (
 )
 from kl_nontarget.loss import nontarget_kl_loss
 from kl_nontarget.options import RegularizerOptions, UsesRegularizerOptions, options_from
-from kl_nontarget.precompute import INDEX_KEY, BasePrecompute, split_index, static_blocker
+from kl_nontarget.precompute import INDEX_KEY, BasePrecompute, static_blocker
 from kl_nontarget.ref_adapter import check_base_source
 
 
@@ -186,7 +187,7 @@ class NonTargetKLMixin(UsesRegularizerOptions):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         # The example indices of precompute_base never reach the model.
-        inputs, example_indices = split_index(inputs)
+        inputs, example_indices = pop_index(inputs)
         if "labels" not in inputs and "shift_labels" not in inputs:
             raise ValueError(f"{type(self).__name__} needs 'labels' in every batch (use a collator that builds "
                              "them, with -100 on unsupervised positions); got keys " + ", ".join(inputs))
