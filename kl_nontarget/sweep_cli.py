@@ -136,9 +136,8 @@ def run_sweep(run: SFTRun, sweep: SweepArguments, log=print, progress=True) -> d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kl_nontarget.batching import padded_loader
-    from kl_nontarget.metrics import forgetting_metrics
     from kl_nontarget.retention import rows_from_data, sample_from_base
-    from kl_nontarget.sweep.grid import SweepConfig, run_task, write_results
+    from kl_nontarget.sweep.grid import SweepConfig, base_record, run_task, write_results
 
     sweep.check()
     if run.launch_args:
@@ -187,11 +186,7 @@ def run_sweep(run: SFTRun, sweep: SweepArguments, log=print, progress=True) -> d
                              "retention": sweep.retention_data or f"{len(retention)} samples from the base model"})
     out_dir = Path(training.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base_metrics = forgetting_metrics(model, heldout, base_model=model, progress=False)
-    base = {"path": str(model_path), "parameters": sum(p.numel() for p in model.parameters()),
-            "vocab_size": len(tokenizer), "entropy": base_metrics["base_entropy"], "lf": base_metrics["lf"],
-            "forgetting": 0.0, "retention_ppl": base_metrics["base_ppl"],
-            "accuracy": base_metrics["base_accuracy"], "tasks": {}}
+    base, _ = base_record(model, tokenizer, heldout, model_path)
     data = {"train": train_rows, "val": eval_rows, "test": eval_rows}
     info, runs = run_task(model, pad, task, data, cfg, heldout, out_dir, model_path, progress=progress, log=log)
     base["tasks"][task] = info

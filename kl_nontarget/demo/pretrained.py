@@ -25,9 +25,8 @@ from kl_nontarget.demo.data import loader
 from kl_nontarget.demo.people import build_people_task
 from kl_nontarget.demo.probes import format_probes, run_probes
 from kl_nontarget.demo.samples import cached_base_text
-from kl_nontarget.metrics import forgetting_metrics
 from kl_nontarget.models import load_model
-from kl_nontarget.sweep.grid import run_task, torch_threads, write_results
+from kl_nontarget.sweep.grid import base_record, run_task, torch_threads, write_results
 
 TASK = "people"
 
@@ -104,14 +103,10 @@ def _run(cfg, out_dir, *, cache_dir, progress, log):
                                seed=cfg.sample_seed, progress=progress, log=log)
     (out_dir / "base_samples.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in heldout))
     heldout_loader = loader([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in heldout], pad, 8)
-    base_forget = forgetting_metrics(model, heldout_loader, base_model=model, progress=False)
+    base, base_forget = base_record(model, tok, heldout_loader, path, model=cfg.model, device=device)
     base_probes = run_probes(model, tok, max_new_tokens=cfg.probe_tokens)
-    base = {"path": str(path), "model": cfg.model, "device": device,
-            "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tok),
-            "entropy": base_forget["base_entropy"], "lf": base_forget["lf"], "forgetting": 0.0,
-            "retention_ppl": base_forget["base_ppl"], "accuracy": base_forget["base_accuracy"],
-            "heldout_tokens": base_forget["tokens"], "probes": base_probes,
-            "probes_right": sum(p["right"] for p in base_probes.values()), "tasks": {}}
+    base.update(heldout_tokens=base_forget["tokens"], probes=base_probes,
+                probes_right=sum(p["right"] for p in base_probes.values()))
     wrong = [k for k, p in base_probes.items() if not p["right"]]
     if wrong:
         log(f"note: the base model already misses the probe(s) {', '.join(wrong)}")

@@ -8,8 +8,7 @@ from pathlib import Path
 from kl_nontarget.batching import padded_loader as loader
 from kl_nontarget.demo.base import base_corpus, load_or_pretrain
 from kl_nontarget.demo.tasks import build_task
-from kl_nontarget.metrics import forgetting_metrics
-from kl_nontarget.sweep.grid import run_task, torch_threads, write_results
+from kl_nontarget.sweep.grid import base_record, run_task, torch_threads, write_results
 
 
 def run_demo(cfg, out_dir, *, cache_dir=None, progress=True, log=print, threads=None):
@@ -34,10 +33,7 @@ def _run_demo(cfg, out_dir, *, cache_dir, progress, log):
     (out_dir / "base_heldout.txt").write_text(
         "\n".join(" ".join(tok.convert_ids_to_tokens(b)) for b in heldout) + "\n")
     heldout_loader = loader([{"input_ids": b} for b in heldout], pad)
-    base_forget = forgetting_metrics(model, heldout_loader, base_model=model, progress=False)
-    base = {"path": str(base_path), "cached": cached, "parameters": sum(p.numel() for p in model.parameters()),
-            "vocab_size": len(tok), "entropy": base_forget["base_entropy"], "lf": base_forget["lf"], "forgetting": 0.0,
-            "retention_ppl": base_forget["base_ppl"], "accuracy": base_forget["base_accuracy"], "tasks": {}}
+    base, _ = base_record(model, tok, heldout_loader, base_path, cached=cached)
     runs = []
     for task in cfg.tasks:
         data = build_task(grammar, tok, task, cfg.sizes)

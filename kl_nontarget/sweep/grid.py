@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from kl_nontarget.batching import padded_loader as loader
-from kl_nontarget.metrics import evaluate_lm
+from kl_nontarget.metrics import evaluate_lm, forgetting_metrics
 from kl_nontarget.sweep.runs import (
     METHODS,
     ValidationCallback,
@@ -90,6 +90,18 @@ def torch_threads(threads=None):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def base_record(model, tokenizer, heldout_loader, path, /, **extra):
+    """The base model's record of results.json (its `forgetting`, Lf - H against itself, is 0), and the
+    `forgetting_metrics` it came from. `extra`: more keys (any name, "model" too), placed after "path"; "tasks"
+    starts empty."""
+    metrics = forgetting_metrics(model, heldout_loader, base_model=model, progress=False)
+    record = {"path": str(path), **extra, "parameters": sum(p.numel() for p in model.parameters()),
+              "vocab_size": len(tokenizer), "entropy": metrics["base_entropy"], "lf": metrics["lf"],
+              "forgetting": 0.0, "retention_ppl": metrics["base_ppl"], "accuracy": metrics["base_accuracy"],
+              "tasks": {}}
+    return record, metrics
 
 
 def write_results(runs, base, cfg, out_dir, start, log=print, extra_report=None):
