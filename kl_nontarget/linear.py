@@ -164,7 +164,6 @@ class _Chunks:
     ref_weight: torch.Tensor | None
     logit_scale: float
     softcap: float | None
-    stat_dtype: torch.dtype
     grad_scale: torch.Tensor  # the row gradients' factor: RowParams.grad_scale * logit_scale
     want: tuple  # (hidden, weight, bias) need a gradient
 
@@ -177,8 +176,8 @@ class _Chunks:
         n = h2.shape[0]
         rows = self.rows
         compute_grad = want_h or want_w or want_b
-        ce = torch.zeros(n, dtype=self.stat_dtype, device=h2.device)
-        kl = torch.zeros(n, dtype=self.stat_dtype, device=h2.device)
+        ce = torch.zeros(n, dtype=self.params.stat_dtype, device=h2.device)
+        kl = torch.zeros(n, dtype=self.params.stat_dtype, device=h2.device)
         acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         grad_h = torch.zeros_like(h2, memory_format=torch.contiguous_format) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_w else None
@@ -250,9 +249,6 @@ class _Chunks:
             grad_b = grad_b.to(bias.dtype)
         return ce, kl, grad_h, grad_w, grad_b
 
-    def reduce(self, ce, kl):
-        return self.params.reduce(ce, kl)
-
 
 class _NonTargetKLLinearFunction(torch.autograd.Function):
     """Loss of `nontarget_kl_linear_loss`; gradients computed in the forward, the backward only scales them."""
@@ -272,7 +268,7 @@ class _NonTargetKLLinearFunction(torch.autograd.Function):
             ce, kl, gh, gw, gb = job.run(h2, weight, bias, grad_scale=job.grad_scale, want_h=want_h, want_w=want_w,
                                          want_b=want_b)
             ctx.grads = (gh, gw, gb)
-        loss, ce_out, kl_out = job.reduce(ce, kl)
+        loss, ce_out, kl_out = job.params.reduce(ce, kl)
         ctx.mark_non_differentiable(ce_out, kl_out)
         return loss, ce_out, kl_out
 
@@ -341,10 +337,9 @@ def nontarget_kl_linear_loss(hidden: torch.Tensor, ref_hidden: torch.Tensor, wei
     h2 = hidden.reshape(-1, d)
     y = labels.reshape(-1).to(torch.int64)
     rows = torch.nonzero(y != ignore_index).squeeze(1)
-    stat_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     params = RowParams.build(labels, y, backend=backend, kl_weight=kl_weight, temperature=temperature,
                              ignore_index=ignore_index, reduction=reduction, kl_direction=kl_direction,
-                             num_items_in_batch=num_items_in_batch, stat_dtype=stat_dtype)
+                             num_items_in_batch=num_items_in_batch, input_dtype=hidden.dtype)
     if chunk_size is None:
         chunk_size = default_chunk_size(rows.numel(), vocab, hidden.dtype, hidden.device, softcap=softcap)
 
@@ -357,7 +352,7 @@ def nontarget_kl_linear_loss(hidden: torch.Tensor, ref_hidden: torch.Tensor, wei
     job = _Chunks(
         params=params, rows=rows, chunk=chunk_size, labels=y, ref_hidden=ref_hidden.detach().reshape(-1, d),
         ref_weight=ref_weight.detach() if ref_weight is not None else None,
-        logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap), stat_dtype=stat_dtype,
+        logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap),
         grad_scale=params.grad_scale * float(logit_scale), want=(want_h, want_w, want_b),
     )
     if grad_on:
@@ -365,7 +360,7 @@ def nontarget_kl_linear_loss(hidden: torch.Tensor, ref_hidden: torch.Tensor, wei
     else:
         ce_rows, kl_rows, *_ = job.run(h2, weight, bias, grad_scale=job.grad_scale, want_h=False, want_w=False,
                                        want_b=False)
-        loss, ce, kl = job.reduce(ce_rows, kl_rows)
+        loss, ce, kl = job.params.reduce(ce_rows, kl_rows)
     if return_components:
         return loss, ce.detach(), kl.detach()
     return loss

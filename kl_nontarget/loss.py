@@ -118,10 +118,9 @@ def nontarget_kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: to
         b = b.contiguous()
     y = labels.reshape(-1).to(torch.int64)
 
-    stat_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     params = RowParams.build(labels, y, backend=backend, kl_weight=kl_weight, temperature=temperature,
                              ignore_index=ignore_index, reduction=reduction, kl_direction=kl_direction,
-                             num_items_in_batch=num_items_in_batch, stat_dtype=stat_dtype)
+                             num_items_in_batch=num_items_in_batch, input_dtype=logits.dtype)
     if torch.is_grad_enabled() and logits.requires_grad:
         loss, ce, kl = _NonTargetCEFunction.apply(z, b, y, params)
     else:

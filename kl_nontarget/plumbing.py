@@ -107,13 +107,20 @@ class RowParams:
 
     @classmethod
     def build(cls, labels: torch.Tensor, labels1d: torch.Tensor, *, backend: str, kl_weight, temperature,
-              ignore_index, reduction, kl_direction, num_items_in_batch, stat_dtype) -> RowParams:
-        """Params of one call: `backend` already resolved, `labels1d` the flattened int64 labels."""
+              ignore_index, reduction, kl_direction, num_items_in_batch, input_dtype: torch.dtype) -> RowParams:
+        """Params of one call: `backend` already resolved, `labels1d` the flattened int64 labels, `input_dtype` the
+        logits' (or hidden states') dtype: the statistics are float64 for float64 inputs, else float32."""
+        stat_dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
         scale = reduction_scale(labels1d, reduction=reduction, ignore_index=ignore_index,
                                 num_items_in_batch=num_items_in_batch, dtype=stat_dtype)
         return cls(rows_fn=rows_function(backend), kl_weight=kl_weight, temperature=temperature,
                    ignore_index=ignore_index, reverse=kl_direction == "reverse", reduction=reduction, scale=scale,
                    label_shape=labels.shape)
+
+    @property
+    def stat_dtype(self) -> torch.dtype:
+        """The dtype of the per-row statistics and the reductions (that of `scale`)."""
+        return self.scale.dtype
 
     @property
     def kl_factor(self):
