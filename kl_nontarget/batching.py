@@ -43,5 +43,3 @@ def padded_loader(rows, pad_id: int, batch_size: int = 32) -> torch.utils.data.D
     return torch.utils.data.DataLoader(RowsDataset(rows), batch_size=batch_size, shuffle=False,
                                        collate_fn=PadCollator(pad_id))
 
-
-loader = padded_loader  # the demo's name for it

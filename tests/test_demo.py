@@ -135,8 +135,8 @@ def test_choose_baseline_prefers_fewer_steps_within_tolerance():
 
 def test_sweep_snapshot_equals_a_retrained_plain_lora_run(tmp_path):
     # The demo reuses the sweep's weights at the chosen step as the seed-0 plain-LoRA run: it must be that run.
+    from kl_nontarget.batching import padded_loader
     from kl_nontarget.demo.base import load_or_pretrain as _load
-    from kl_nontarget.demo.data import loader
     from kl_nontarget.sweep.runs import ValidationCallback, finetune, lora_from_snapshot
 
     cfg = tiny_config()
@@ -144,7 +144,7 @@ def test_sweep_snapshot_equals_a_retrained_plain_lora_run(tmp_path):
     data = build_task(grammar, tok, "shifted", cfg.sizes)
     pad = tok.pad_token_id
     kw = dict(kl_weight=0.0, lr=1e-2, seed=0, batch_size=4, progress=False)
-    cb = ValidationCallback(loader(data["val"], pad), every=2)
+    cb = ValidationCallback(padded_loader(data["val"], pad), every=2)
     finetune(model, data["train"], pad, method="lora", steps=6, callbacks=[cb], **kw)
     assert sorted(cb.snapshots) == [2, 4, 6]
     again = finetune(model, data["train"], pad, method="lora", steps=4, **kw)

@@ -56,7 +56,7 @@ def load(path):
 
 
 def short_batch(tokenizer, n=3):
-    from kl_nontarget.demo.data import PadCollator
+    from kl_nontarget.batching import PadCollator
     from kl_nontarget.demo.people import build_people_task
 
     rows = build_people_task(tokenizer, dict(train=n, val=0, test=0))["train"]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from kl_nontarget.batching import RowsDataset
 from kl_nontarget.demo.corpus import Grammar, build_tokenizer, pack
-from kl_nontarget.demo.data import RowsDataset
 from kl_nontarget.models import default_cache_dir
 from kl_nontarget.sweep.progress import TqdmCallback, quiet_trainer
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kl_nontarget.demo.data import loader
+from kl_nontarget.batching import padded_loader
 from kl_nontarget.demo.people import build_people_task
 from kl_nontarget.demo.probes import format_probes, run_probes
 from kl_nontarget.demo.samples import cached_base_text
@@ -102,7 +102,7 @@ def _run(cfg, out_dir, *, cache_dir, progress, log):
     heldout = cached_base_text(model, tok, path, n_samples=cfg.samples, tokens=cfg.sample_tokens,
                                seed=cfg.sample_seed, progress=progress, log=log)
     (out_dir / "base_samples.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in heldout))
-    heldout_loader = loader([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in heldout], pad, 8)
+    heldout_loader = padded_loader([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in heldout], pad, 8)
     base, base_forget = base_record(model, tok, heldout_loader, path, model=cfg.model, device=device)
     base_probes = run_probes(model, tok, max_new_tokens=cfg.probe_tokens)
     base.update(heldout_tokens=base_forget["tokens"], probes=base_probes,

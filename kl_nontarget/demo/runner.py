@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from kl_nontarget.batching import padded_loader as loader
+from kl_nontarget.batching import padded_loader
 from kl_nontarget.demo.base import base_corpus, load_or_pretrain
 from kl_nontarget.demo.tasks import build_task
 from kl_nontarget.sweep.grid import base_record, run_task, torch_threads, write_results
@@ -32,7 +32,7 @@ def _run_demo(cfg, out_dir, *, cache_dir, progress, log):
     heldout = heldout[:cfg.heldout_blocks]
     (out_dir / "base_heldout.txt").write_text(
         "\n".join(" ".join(tok.convert_ids_to_tokens(b)) for b in heldout) + "\n")
-    heldout_loader = loader([{"input_ids": b} for b in heldout], pad)
+    heldout_loader = padded_loader([{"input_ids": b} for b in heldout], pad)
     base, _ = base_record(model, tok, heldout_loader, base_path, cached=cached)
     runs = []
     for task in cfg.tasks:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kl_nontarget.batching import padded_loader as loader
+from kl_nontarget.batching import padded_loader
 from kl_nontarget.metrics import evaluate_lm, forgetting_metrics
 from kl_nontarget.sweep.runs import (
     METHODS,
@@ -133,7 +133,7 @@ def run_task(model, pad, task, data, cfg, heldout_loader, out_dir, base_path, *,
     and its weights at the chosen step are reused as the seed-0 plain-LoRA run. Every adapter is saved under
     out_dir/adapters/. `extra_metrics(peft_model) -> dict` adds keys to each run row (the real-model probes).
     """
-    test_loader, val_loader = loader(data["test"], pad), loader(data["val"], pad)
+    test_loader, val_loader = padded_loader(data["test"], pad), padded_loader(data["val"], pad)
     target = evaluate_lm(model, test_loader, progress=False)
     info = {"target_loss": target["loss"], "target_accuracy": target["sequence_accuracy"]}
     snapshot = None  # the seed-0 plain-LoRA weights at the chosen (lr, steps), taken from the sweep
