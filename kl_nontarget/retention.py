@@ -69,7 +69,7 @@ def prompt_ids(tokenizer, prompts: Sequence[str] | None = None, chat_prompts: Se
     return out
 
 
-def _trim(continuation: list[int], stop_ids: set[int]) -> list[int]:
+def trim_at_stop(continuation: list[int], stop_ids: set[int]) -> list[int]:
     """The continuation up to and including its first stop token (EOS/padding)."""
     for i, token in enumerate(continuation):
         if token in stop_ids:
@@ -113,7 +113,7 @@ def sample_from_base(model, tokenizer, *, num_samples: int = 32, max_new_tokens:
                                         temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                                         num_return_sequences=count, pad_token_id=pad)
                     for seq in out.tolist():
-                        continuation = _trim(seq[len(prompt):], stop)
+                        continuation = trim_at_stop(seq[len(prompt):], stop)
                         if continuation:
                             rows.append({"input_ids": prompt + continuation,
                                          "labels": [-100] * len(prompt) + continuation})

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from kl_nontarget.retention import trim_at_stop
+
 
 def stop_ids(tokenizer):
     """Token ids that end a reply: the EOS token and, for ChatML models, <|im_end|>."""
@@ -42,11 +44,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, batch_size=32, **kwar
                 gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **kwargs)
             for seq, new in zip(chunk, gen[:, width:].tolist()):
-                for j, t in enumerate(new):
-                    if t in stops:
-                        new = new[:j + 1]
-                        break
-                out.append((seq, new))
+                out.append((seq, trim_at_stop(new, set(stops))))
     finally:
         model.train(was_training)
     return out
