@@ -7,6 +7,7 @@ each batch by its size, like `eval_loss`. The trainer gathers the sums across ra
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -62,6 +63,13 @@ def train_logs(log: ComponentLog, global_step: int, gather: Gather, name: str = 
     values = {"ce_loss": gather(sums["ce"]).mean().item() / steps, name: gather(sums["kl"]).mean().item() / steps}
     log.reset("train")
     return values
+
+
+def metric_key_prefix(evaluation_loop: Callable, args: tuple, kwargs: dict) -> str:
+    """The `metric_key_prefix` of a call `evaluation_loop(*args, **kwargs)` of a Trainer (bound method), "eval" when
+    not given."""
+    bound = inspect.signature(evaluation_loop).bind_partial(*args, **kwargs)
+    return bound.arguments.get("metric_key_prefix", "eval")
 
 
 def eval_metrics(log: ComponentLog, gather: Gather, prefix: str = "eval", name: str = "nontarget_kl") -> dict:

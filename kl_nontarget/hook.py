@@ -28,7 +28,7 @@ from kl_nontarget.base_model import (
 )
 from kl_nontarget.batch import compute_batch_hidden, compute_batch_logits
 from kl_nontarget.batch_loss import fused_loss, logits_loss, require_fused, step_heads
-from kl_nontarget.components import ComponentLog, accelerator_gather, eval_metrics, train_logs
+from kl_nontarget.components import ComponentLog, accelerator_gather, eval_metrics, metric_key_prefix, train_logs
 from kl_nontarget.distributed import install_exit_handler
 from kl_nontarget.integrations import load_ref_model, router_aux_loss_coef
 from kl_nontarget.lm_head import register_head_capture
@@ -220,7 +220,7 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
         def evaluation_loop_with_components(*args, **kwargs):
             component_log.reset("eval")
             output = evaluation_loop(*args, **kwargs)
-            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            prefix = metric_key_prefix(evaluation_loop, args, kwargs)
             output.metrics.update(eval_metrics(component_log, gather, prefix))
             return output
 

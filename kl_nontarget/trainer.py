@@ -17,7 +17,6 @@ The logic lives in `NonTargetKLMixin`, shared with `kl_nontarget.trl.NonTargetKL
 
 from __future__ import annotations
 
-import inspect
 import os
 import warnings
 
@@ -29,7 +28,7 @@ from kl_nontarget.base_cache import pop_index
 from kl_nontarget.base_model import is_compiled
 from kl_nontarget.batch import IGNORE_INDEX, BatchHidden, compute_batch_hidden, compute_batch_logits, shifted_labels
 from kl_nontarget.batch_loss import fused_loss, require_fused, step_heads
-from kl_nontarget.components import ComponentLog, accelerator_gather, eval_metrics, train_logs
+from kl_nontarget.components import ComponentLog, accelerator_gather, eval_metrics, metric_key_prefix, train_logs
 from kl_nontarget.config import merge_options, reference_model_spec
 from kl_nontarget.distributed import install_exit_handler
 from kl_nontarget.integrations import (
@@ -304,8 +303,7 @@ class NonTargetKLMixin(UsesRegularizerOptions):
     def evaluation_loop(self, *args, **kwargs):
         self.component_log.reset("eval")
         output = super().evaluation_loop(*args, **kwargs)
-        bound = inspect.signature(super().evaluation_loop).bind_partial(*args, **kwargs)
-        prefix = bound.arguments.get("metric_key_prefix", "eval")
+        prefix = metric_key_prefix(super().evaluation_loop, args, kwargs)
         output.metrics.update(eval_metrics(self.component_log, self._gathered, prefix, self._component_name()))
         return output
 
