@@ -146,6 +146,9 @@ def test_logs_average_the_window_and_evaluation_reports_components(model_dirs, t
             expected.append((independent_loss(model, collate(rows), kl_weight=kl_weight)[1].item(), len(rows)))
     ce = sum(v * n for v, n in expected) / 6
     assert metrics["eval_ce_loss"] == pytest.approx(ce, rel=1e-5)
+    named = trainer.evaluate(metric_key_prefix="heldout")  # the components follow the caller's prefix
+    assert named["heldout_nontarget_kl"] == pytest.approx(metrics["eval_nontarget_kl"], rel=1e-6)
+    assert not any(k.startswith("eval_") for k in named)
 
 
 # -- the base distribution: flags, merged adapters, warnings -----------------------------------------------------

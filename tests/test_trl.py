@@ -187,8 +187,11 @@ def test_hook_with_transformers_trainer_matches_subclass(model_dirs, tmp_path):
                        kl_weight=1.5).train()
     hook_model = peft_model(model_dirs)
     hook = nontarget_kl_loss_func(hook_model, kl_weight=1.5)
-    Trainer(model=hook_model, args=TrainingArguments(str(tmp_path / "b"), **args), train_dataset=data,
-            compute_loss_func=hook).train()
+    trainer = Trainer(model=hook_model, args=TrainingArguments(str(tmp_path / "b"), **args), train_dataset=data,
+                      compute_loss_func=hook)
+    trainer.train()
+    named = trainer.evaluate(data[:4], metric_key_prefix="heldout")  # the hook's components follow the prefix
+    assert named["heldout_nontarget_kl"] > 0 and "eval_nontarget_kl" not in named
     hook.remove()
     assert_same_state(trainable_state(sub_model), trainable_state(hook_model), atol=1e-6)
 
