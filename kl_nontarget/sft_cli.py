@@ -123,27 +123,38 @@ def parse_args(argv: list[str], extra_types: tuple = (), prog: str = PROG) -> SF
                   extras=tuple(parsed[4:]))
 
 
+def has_data(run: SFTRun) -> bool:
+    """Whether a dataset was given (--dataset_name or `datasets:` in the config file)."""
+    return bool(run.script.dataset_name or run.mixture.datasets)
+
+
+def demo_task(run: SFTRun, prog: str, log=print):
+    """(model path, train, eval) of the embedded demo task, for a run given neither a model nor data; the toy model's
+    learning rate unless --learning_rate was given."""
+    log(f"{prog}: no model and no dataset given: the demo's base model on its 'shifted' task")
+    model_path, train, evaluation = default_task(log=log)
+    if "learning_rate" not in run.given:
+        run.training.learning_rate = DEFAULT_TASK_LEARNING_RATE
+        log(f"{prog}: learning_rate {DEFAULT_TASK_LEARNING_RATE:g} for the toy model (--learning_rate to change)")
+    return model_path, train, evaluation
+
+
 def prepare(run: SFTRun, log=print):
     """Models resolved and datasets loaded and checked: (model path, train dataset, eval dataset or None).
 
     Raises InputError for bad input; writes nothing to the output folder.
     """
     script, training, model_args = run.script, run.training, run.model
-    has_data = bool(script.dataset_name or run.mixture.datasets)
-    if model_args.model_name_or_path is None and not has_data:
+    if model_args.model_name_or_path is None and not has_data(run):
         if script.eval_dataset is not None:
             raise InputError("--eval_dataset needs --model_name_or_path and --dataset_name (without them the demo's "
                              "task runs, evaluated on its own validation split with --eval_strategy steps)")
-        log(f"{PROG}: no model and no dataset given: the demo's base model on its 'shifted' task")
-        model_path, train, evaluation = default_task(log=log)
-        if "learning_rate" not in run.given:
-            training.learning_rate = DEFAULT_TASK_LEARNING_RATE
-            log(f"{PROG}: learning_rate {DEFAULT_TASK_LEARNING_RATE:g} for the toy model (--learning_rate to change)")
+        model_path, train, evaluation = demo_task(run, PROG, log)
         if training.eval_strategy == "no":
             evaluation = None
     elif model_args.model_name_or_path is None:
         raise InputError(f"a dataset is given but no model: pass --model_name_or_path ({model_forms()})")
-    elif not has_data:
+    elif not has_data(run):
         raise InputError("no dataset: pass --dataset_name (a hub name, a folder, or a .jsonl/.json/.parquet/.csv "
                          "file), or `datasets:` in the config file")
     else:

@@ -18,8 +18,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kl_nontarget.sft_cli import DEFAULT_TASK_LEARNING_RATE, SFTRun, model_init_kwargs, parse_args, run_command
-from kl_nontarget.sft_data import InputError, default_task, load_datasets, resolve_model_path
+from kl_nontarget.sft_cli import SFTRun, demo_task, has_data, model_init_kwargs, parse_args, run_command
+from kl_nontarget.sft_data import InputError, load_datasets, resolve_model_path
 
 PROG = "kl-nontarget sweep"
 BASELINES = ("full_kl",)
@@ -67,14 +67,10 @@ class SweepArguments:
 def _prepare(run: SFTRun, sweep: SweepArguments, log=print):
     """(model path, train dataset, eval dataset, task name); the evaluation split is required."""
     script = run.script
-    has_data = bool(script.dataset_name or run.mixture.datasets)
-    if run.model.model_name_or_path is None and not has_data:
-        log(f"{PROG}: no model and no dataset given: the demo's base model on its 'shifted' task")
-        model_path, train, evaluation = default_task(log=log)
-        if "learning_rate" not in run.given:
-            run.training.learning_rate = DEFAULT_TASK_LEARNING_RATE
+    if run.model.model_name_or_path is None and not has_data(run):
+        model_path, train, evaluation = demo_task(run, PROG, log)
         return model_path, train, evaluation, sweep.task_name or "shifted"
-    if run.model.model_name_or_path is None or not has_data:
+    if run.model.model_name_or_path is None or not has_data(run):
         raise InputError("pass both --model_name_or_path and --dataset_name (or neither, for the embedded demo task)")
     model_path = resolve_model_path(run.model.model_name_or_path, log=log)
     train, evaluation = load_datasets(script, run.mixture, text_field=run.training.dataset_text_field, want_eval=True)
