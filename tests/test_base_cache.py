@@ -201,11 +201,9 @@ def test_sft_cached_equals_uncached(model_dirs, tmp_path, layout, base_rows_coun
     results = []
     for cached in (False, True):
         packed = layout == "packed"
-        args = SFTConfig(output_dir=str(tmp_path / f"out{cached}"), per_device_train_batch_size=2 if packed else 4,
-                         max_steps=3, packing=packed,
-                         learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[],
-                         use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                         max_length=24 if packed else 64, bf16=False)  # float32: see the module docstring
+        args = sgd_args(tmp_path / f"out{cached}", cls=SFTConfig, per_device_train_batch_size=2 if packed else 4,
+                        max_steps=3, packing=packed, max_length=24 if packed else 64,
+                        bf16=False)  # float32: see the module docstring
         model = peft_model(model_dirs)
         trainer = NonTargetKLSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                         kl_weight=0.7, precompute_base=cached, base_cache_dir=tmp_path / "cache")

@@ -22,6 +22,7 @@ from tiny_models import (
     load_model,
     lora_config,
     peft_model,
+    sgd_args,
     tiny_tokenizer,
     toy_prompt_completions,
     toy_token_batches,
@@ -38,12 +39,9 @@ CUSTOM_OPTIONS = RegularizerOptions(kl_weight=0.25, temperature=1.5, kl_directio
 
 
 def cpu_args(cls, tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=0.5,
-                  optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
-                  save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True)
     if issubclass(cls, SFTConfig):
-        kwargs.update(max_length=64, bf16=False, gradient_checkpointing=False)
-    return cls(**{**kwargs, **overrides})
+        overrides = {"max_length": 64, "bf16": False, "gradient_checkpointing": False, **overrides}
+    return sgd_args(tmp_path, cls=cls, **overrides)
 
 
 # -- the fields --------------------------------------------------------------------------------------------------------

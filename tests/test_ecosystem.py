@@ -353,11 +353,10 @@ def _sft_parts(model_dirs, tmp_path, **overrides):
 
     from tiny_models import tiny_tokenizer, toy_prompt_completions
 
-    kwargs = dict(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.5,
-                  optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
-                  save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True, max_length=64)
-    kwargs.update(overrides)
-    return dict(args=SFTConfig(**kwargs), train_dataset=Dataset.from_list(toy_prompt_completions(8, seed=5)),
+    # per_device_eval_batch_size=8 (TrainingArguments' default; sgd_args sets 4): evaluate() takes all 8 rows at once.
+    args = sgd_args(tmp_path / "sft", cls=SFTConfig, **{"max_steps": 1, "max_length": 64,
+                                                        "per_device_eval_batch_size": 8, **overrides})
+    return dict(args=args, train_dataset=Dataset.from_list(toy_prompt_completions(8, seed=5)),
                 processing_class=tiny_tokenizer(model_dirs / "tokenizer"))
 
 

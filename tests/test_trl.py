@@ -21,6 +21,7 @@ from tiny_models import (
     lora_config,
     peft_model,
     perturb_trainable,
+    sgd_args,
     tiny_tokenizer,
     toy_prompt_completions,
     toy_token_batches,
@@ -31,12 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sft_args(tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                  max_steps=3, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
-                  report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0,
-                  disable_tqdm=True, max_length=64)
-    kwargs.update(overrides)
-    return SFTConfig(**kwargs)
+    # bf16 left at TRL's default (test_hook_and_subclass_train_identically_in_sft asserts it is on).
+    return sgd_args(tmp_path, cls=SFTConfig, **{"max_steps": 3, "max_length": 64, **overrides})
 
 
 def prompt_completion(n=16):

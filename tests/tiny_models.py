@@ -170,16 +170,20 @@ def perturb_trainable(model, scale=0.3, seed=1):
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
-def sgd_args(tmp_path, **overrides):
-    """TrainingArguments for short deterministic CPU runs in tests: plain SGD at a constant rate, batch 4, 2 steps."""
+def sgd_args(tmp_path, *, cls=None, **overrides):
+    """Arguments for short deterministic CPU runs in tests: plain SGD at a constant rate, batch 4, 2 steps.
+
+    `cls`: the arguments class (TrainingArguments by default; e.g. trl's SFTConfig); `overrides` go to it as well.
+    """
     from transformers import TrainingArguments
 
+    cls = cls or TrainingArguments
     kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
                   max_steps=2, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
                   report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0,
                   disable_tqdm=True)
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return cls(**kwargs)
 
 
 def load_model(model_dirs, arch="llama", dtype=torch.float32):
