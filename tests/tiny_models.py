@@ -215,7 +215,17 @@ def trainable_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def assert_same_state(a, b, atol=1e-6):
+def assert_same_state(a, b, atol=1e-6, rtol=1e-5):
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=name)
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=rtol, msg=name)
+
+
+def loss_and_grads(trainer, model, batch, num_items_in_batch=None):
+    """(loss, {name: gradient} of the trainable parameters) of one `trainer.compute_loss` on `batch`; grads cleared."""
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items_in_batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
