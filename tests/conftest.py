@@ -27,3 +27,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def base_rows_counter(monkeypatch):
+    """Counts the base passes ("calls") and the sequences they run on ("rows"): every base pass goes through
+    kl_nontarget.batch.base_forward."""
+    import kl_nontarget.batch as batch_module
+
+    seen = {"rows": 0, "calls": 0}
+    original = batch_module.base_forward
+
+    def counting(model, kwargs, **kw):
+        seen["calls"] += 1
+        seen["rows"] += int(kwargs["input_ids"].shape[0])
+        return original(model, kwargs, **kw)
+
+    monkeypatch.setattr(batch_module, "base_forward", counting)
+    return seen

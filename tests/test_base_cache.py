@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 
-import kl_nontarget.batch as batch_module
 from kl_nontarget.base_cache import INDEX_KEY, CacheMismatch, IndexCollator
 from kl_nontarget.options import RegularizerOptions
 from kl_nontarget.trainer import NonTargetKLTrainer
@@ -27,21 +26,6 @@ from tiny_models import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def base_rows_counter(monkeypatch):
-    """Counts the sequences the base model runs on (every base pass goes through batch.base_forward)."""
-    seen = {"rows": 0, "calls": 0}
-    original = batch_module.base_forward
-
-    def counting(model, kwargs, **kw):
-        seen["calls"] += 1
-        seen["rows"] += int(kwargs["input_ids"].shape[0])
-        return original(model, kwargs, **kw)
-
-    monkeypatch.setattr(batch_module, "base_forward", counting)
-    return seen
 
 
 TRAINING_ARGS = ("max_steps", "num_train_epochs", "eval_strategy", "eval_steps", "gradient_accumulation_steps",

@@ -84,13 +84,8 @@ def test_sweep_needs_an_evaluation_split(model_folder, tmp_path, capsys):  # noq
     assert code == 2 and "has no split" in capsys.readouterr().err
 
 
-def test_sweep_shares_one_base_pass(model_folder, tmp_path, monkeypatch):  # noqa: F811
+def test_sweep_shares_one_base_pass(model_folder, tmp_path, base_rows_counter):  # noqa: F811
     """--precompute_base true: the sweep's non-target KL runs share one cache, built by the first of them."""
-    import kl_nontarget.batch as batch_module
-
-    calls = []
-    original = batch_module.base_forward
-    monkeypatch.setattr(batch_module, "base_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     train = prompt_completion_file(tmp_path / "train.jsonl")
     held_out = prompt_completion_file(tmp_path / "eval.jsonl", n=6, seed=9)
     cache = tmp_path / "cache"
@@ -103,4 +98,4 @@ def test_sweep_shares_one_base_pass(model_folder, tmp_path, monkeypatch):  # noq
     runs = json.loads((tmp_path / "sweep" / "results.json").read_text())["runs"]
     assert [r["kl_weight"] for r in runs if r["method"] == "nontarget_kl"] == [0.3, 1.0, 3.0]
     examples = len(train.read_text().splitlines())
-    assert len(calls) == -(-examples // 4) + 1
+    assert base_rows_counter["calls"] == -(-examples // 4) + 1
