@@ -19,6 +19,19 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def model_folder(model_dirs, tmp_path_factory):
+    """A checkpoint folder as a user has one: the tiny Llama with its tokenizer (and chat template)."""
+    import shutil
+
+    from tiny_models import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("checkpoint") / "tiny-llama"
+    shutil.copytree(model_dirs / "llama", folder)
+    tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module: tiny models on shared cores run far slower with thread oversubscription."""
     import torch

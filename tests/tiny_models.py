@@ -6,12 +6,14 @@
 - `tiny_tokenizer(path=None)`: a word-level `PreTrainedTokenizerFast` over `WORDS` plus special tokens, whose size
   is at most `VOCAB_SIZE`, with a minimal chat template.
 - `toy_texts(n)`, `toy_prompt_completions(n)`: deterministic toy data in that vocabulary.
+- `write_jsonl(path, rows)`, `prompt_completion_file(path)`, `messages_file(path)`: that data as jsonl files.
 
 Every builder seeds torch itself, so two calls with the same arguments give the same weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -112,6 +114,24 @@ def toy_prompt_completions(n, *, seed=0):
         completion = list(reversed(prompt))[: rng.randint(1, len(prompt))]
         rows.append({"prompt": " ".join(prompt) + " ?", "completion": " " + " ".join(completion) + " ."})
     return rows
+
+
+def write_jsonl(path, rows):
+    """Write `rows` (dicts) to `path` as JSON lines; returns `path`."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def prompt_completion_file(path, n=16, seed=5):
+    """A jsonl file of `toy_prompt_completions(n, seed=seed)`."""
+    return write_jsonl(path, toy_prompt_completions(n, seed=seed))
+
+
+def messages_file(path, n=12, seed=6):
+    """A jsonl file of the same pairs as conversations: {"messages": [user prompt, assistant completion]}."""
+    return write_jsonl(path, [{"messages": [{"role": "user", "content": r["prompt"]},
+                                            {"role": "assistant", "content": r["completion"]}]}
+                              for r in toy_prompt_completions(n, seed=seed)])
 
 
 def toy_token_batches(n, *, seed=0, seq_len=12, vocab_size=VOCAB_SIZE, prompt_max=6):
