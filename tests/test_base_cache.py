@@ -178,9 +178,9 @@ def test_sft_cached_equals_uncached(model_dirs, tmp_path, layout, base_rows_coun
 
     from kl_nontarget.trl import NonTargetKLSFTTrainer
 
-    from tiny_models import tiny_tokenizer, toy_prompt_completions
+    from tiny_models import load_tokenizer, toy_prompt_completions
 
-    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    tokenizer = load_tokenizer(model_dirs)
     data = Dataset.from_list(toy_prompt_completions(12, seed=5))
     results = []
     for cached in (False, True):

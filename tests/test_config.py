@@ -20,10 +20,10 @@ from tiny_models import (
     collate,
     independent_loss,
     load_model,
+    load_tokenizer,
     lora_config,
     peft_model,
     sgd_args,
-    tiny_tokenizer,
     toy_prompt_completions,
     toy_token_batches,
 )
@@ -242,7 +242,7 @@ def test_options_round_trip_through_training_args_bin(model_dirs, tmp_path, cls)
         from datasets import Dataset
 
         trainer = NonTargetKLSFTTrainer(model=load_model(model_dirs), args=args, train_dataset=Dataset.from_list(data),
-                                        processing_class=tiny_tokenizer(model_dirs / "tokenizer"),
+                                        processing_class=load_tokenizer(model_dirs),
                                         peft_config=lora_config())
     else:
         trainer = NonTargetKLTrainer(model=peft_model(model_dirs), args=args, train_dataset=DATA)
@@ -259,7 +259,7 @@ def test_sft_trainer_accepts_the_plain_config(model_dirs, tmp_path):
 
     args = cpu_args(NonTargetKLConfig, tmp_path, **CUSTOM)
     trainer = NonTargetKLSFTTrainer(load_model(model_dirs), args, train_dataset=Dataset.from_list(
-        toy_prompt_completions(8, seed=1)), processing_class=tiny_tokenizer(model_dirs / "tokenizer"),
+        toy_prompt_completions(8, seed=1)), processing_class=load_tokenizer(model_dirs),
         peft_config=lora_config())
     assert isinstance(trainer.args, NonTargetKLSFTConfig) and trainer.options == CUSTOM_OPTIONS
     assert trainer.args.learning_rate == 0.5 and trainer.args.max_steps == 2

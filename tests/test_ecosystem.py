@@ -337,13 +337,13 @@ def _sft_parts(model_dirs, tmp_path, **overrides):
     from datasets import Dataset
     from trl import SFTConfig
 
-    from tiny_models import tiny_tokenizer, toy_prompt_completions
+    from tiny_models import load_tokenizer, toy_prompt_completions
 
     # per_device_eval_batch_size=8 (TrainingArguments' default; sgd_args sets 4): evaluate() takes all 8 rows at once.
     args = sgd_args(tmp_path / "sft", cls=SFTConfig, **{"max_steps": 1, "max_length": 64,
                                                         "per_device_eval_batch_size": 8, **overrides})
     return dict(args=args, train_dataset=Dataset.from_list(toy_prompt_completions(8, seed=5)),
-                processing_class=tiny_tokenizer(model_dirs / "tokenizer"))
+                processing_class=load_tokenizer(model_dirs))
 
 
 def test_sft_subclass_with_liger_and_loss_types(model_dirs, tmp_path):

@@ -23,11 +23,11 @@ from tiny_models import (
     collate,
     independent_loss,
     load_model,
+    load_tokenizer,
     loss_and_grads,
     peft_model,
     perturb_trainable,
     sgd_args,
-    tiny_tokenizer,
     toy_prompt_completions,
     toy_token_batches,
 )
@@ -130,7 +130,7 @@ def test_sft_subclass_fused_equals_logits_path(model_dirs, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig
 
-    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    tokenizer = load_tokenizer(model_dirs)
     data = Dataset.from_list(toy_prompt_completions(8, seed=5))
     results = {}
     for fused in (True, False):

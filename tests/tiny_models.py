@@ -213,6 +213,13 @@ def load_model(model_dirs, arch="llama", dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(model_dirs / arch, dtype=dtype)
 
 
+def load_tokenizer(model_dirs):
+    """The tokenizer saved under `model_dirs` (conftest.py's fixture): `tiny_tokenizer`'s, without building it again."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(os.fspath(model_dirs / "tokenizer"))
+
+
 def lora_config(**overrides):
     """LoRA r=4 on LORA_TARGETS, the adapter most tests train."""
     from peft import LoraConfig
