@@ -19,6 +19,19 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def model_folder(model_dirs, tmp_path_factory):
+    """A checkpoint folder as a user has one: the tiny Llama with its tokenizer (and chat template)."""
+    import shutil
+
+    from tiny_models import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("checkpoint") / "tiny-llama"
+    shutil.copytree(model_dirs / "llama", folder)
+    tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module: tiny models on shared cores run far slower with thread oversubscription."""
     import torch
@@ -27,3 +40,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def base_rows_counter(monkeypatch):
+    """Counts the base passes ("calls") and the sequences they run on ("rows"): every base pass goes through
+    kl_nontarget.batch.base_forward."""
+    import kl_nontarget.batch as batch_module
+
+    seen = {"rows": 0, "calls": 0}
+    original = batch_module.base_forward
+
+    def counting(model, kwargs, **kw):
+        seen["calls"] += 1
+        seen["rows"] += int(kwargs["input_ids"].shape[0])
+        return original(model, kwargs, **kw)
+
+    monkeypatch.setattr(batch_module, "base_forward", counting)
+    return seen

@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 
-import kl_nontarget.batch as batch_module
 from kl_nontarget.base_cache import INDEX_KEY, CacheMismatch, IndexCollator
 from kl_nontarget.options import RegularizerOptions
 from kl_nontarget.trainer import NonTargetKLTrainer
@@ -27,21 +26,6 @@ from tiny_models import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def base_rows_counter(monkeypatch):
-    """Counts the sequences the base model runs on (every base pass goes through batch.base_forward)."""
-    seen = {"rows": 0, "calls": 0}
-    original = batch_module.base_forward
-
-    def counting(model, kwargs, **kw):
-        seen["calls"] += 1
-        seen["rows"] += int(kwargs["input_ids"].shape[0])
-        return original(model, kwargs, **kw)
-
-    monkeypatch.setattr(batch_module, "base_forward", counting)
-    return seen
 
 
 TRAINING_ARGS = ("max_steps", "num_train_epochs", "eval_strategy", "eval_steps", "gradient_accumulation_steps",
@@ -194,18 +178,16 @@ def test_sft_cached_equals_uncached(model_dirs, tmp_path, layout, base_rows_coun
 
     from kl_nontarget.trl import NonTargetKLSFTTrainer
 
-    from tiny_models import tiny_tokenizer, toy_prompt_completions
+    from tiny_models import load_tokenizer, toy_prompt_completions
 
-    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    tokenizer = load_tokenizer(model_dirs)
     data = Dataset.from_list(toy_prompt_completions(12, seed=5))
     results = []
     for cached in (False, True):
         packed = layout == "packed"
-        args = SFTConfig(output_dir=str(tmp_path / f"out{cached}"), per_device_train_batch_size=2 if packed else 4,
-                         max_steps=3, packing=packed,
-                         learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[],
-                         use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                         max_length=24 if packed else 64, bf16=False)  # float32: see the module docstring
+        args = sgd_args(tmp_path / f"out{cached}", cls=SFTConfig, per_device_train_batch_size=2 if packed else 4,
+                        max_steps=3, packing=packed, max_length=24 if packed else 64,
+                        bf16=False)  # float32: see the module docstring
         model = peft_model(model_dirs)
         trainer = NonTargetKLSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                         kl_weight=0.7, precompute_base=cached, base_cache_dir=tmp_path / "cache")

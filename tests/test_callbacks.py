@@ -127,12 +127,11 @@ def test_end_of_training_without_trainer_reference(tmp_path, tokenizer, peft_mod
 def test_sft_trainer_with_sampled_retention_set(tmp_path, model_dirs, one_thread):
     # trl.SFTTrainer on a PEFT model: the tokenizer comes from the trainer's processing_class.
     from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from tiny_models import peft_model, toy_prompt_completions
+    from tiny_models import load_tokenizer, peft_model, toy_prompt_completions
 
-    tok = AutoTokenizer.from_pretrained(model_dirs / "tokenizer")
+    tok = load_tokenizer(model_dirs)
     args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=0.5,
                      optim="sgd", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=64)
     trainer = SFTTrainer(model=peft_model(model_dirs, moved=False), args=args, processing_class=tok,

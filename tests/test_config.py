@@ -20,9 +20,10 @@ from tiny_models import (
     collate,
     independent_loss,
     load_model,
+    load_tokenizer,
     lora_config,
     peft_model,
-    tiny_tokenizer,
+    sgd_args,
     toy_prompt_completions,
     toy_token_batches,
 )
@@ -38,12 +39,9 @@ CUSTOM_OPTIONS = RegularizerOptions(kl_weight=0.25, temperature=1.5, kl_directio
 
 
 def cpu_args(cls, tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=0.5,
-                  optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
-                  save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True)
     if issubclass(cls, SFTConfig):
-        kwargs.update(max_length=64, bf16=False, gradient_checkpointing=False)
-    return cls(**{**kwargs, **overrides})
+        overrides = {"max_length": 64, "bf16": False, "gradient_checkpointing": False, **overrides}
+    return sgd_args(tmp_path, cls=cls, **overrides)
 
 
 # -- the fields --------------------------------------------------------------------------------------------------------
@@ -244,7 +242,7 @@ def test_options_round_trip_through_training_args_bin(model_dirs, tmp_path, cls)
         from datasets import Dataset
 
         trainer = NonTargetKLSFTTrainer(model=load_model(model_dirs), args=args, train_dataset=Dataset.from_list(data),
-                                        processing_class=tiny_tokenizer(model_dirs / "tokenizer"),
+                                        processing_class=load_tokenizer(model_dirs),
                                         peft_config=lora_config())
     else:
         trainer = NonTargetKLTrainer(model=peft_model(model_dirs), args=args, train_dataset=DATA)
@@ -261,7 +259,7 @@ def test_sft_trainer_accepts_the_plain_config(model_dirs, tmp_path):
 
     args = cpu_args(NonTargetKLConfig, tmp_path, **CUSTOM)
     trainer = NonTargetKLSFTTrainer(load_model(model_dirs), args, train_dataset=Dataset.from_list(
-        toy_prompt_completions(8, seed=1)), processing_class=tiny_tokenizer(model_dirs / "tokenizer"),
+        toy_prompt_completions(8, seed=1)), processing_class=load_tokenizer(model_dirs),
         peft_config=lora_config())
     assert isinstance(trainer.args, NonTargetKLSFTConfig) and trainer.options == CUSTOM_OPTIONS
     assert trainer.args.learning_rate == 0.5 and trainer.args.max_steps == 2

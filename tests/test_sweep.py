@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from test_sft_cli import messages_file, model_folder, prompt_completion_file  # noqa: F401  (fixture)
 
 from kl_nontarget.cli import main
+
+from tiny_models import messages_file, prompt_completion_file, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -16,7 +17,7 @@ def sweep_flags(out):
             "--max_length", "64", "--retention_samples", "4"]
 
 
-def test_sweep_end_to_end(model_folder, tmp_path, capsys):  # noqa: F811
+def test_sweep_end_to_end(model_folder, tmp_path, capsys):
     train = prompt_completion_file(tmp_path / "train.jsonl")
     held_out = prompt_completion_file(tmp_path / "eval.jsonl", n=6, seed=9)
     out = tmp_path / "sweep"
@@ -44,10 +45,10 @@ def test_sweep_end_to_end(model_folder, tmp_path, capsys):  # noqa: F811
     assert "least forgetting at matched target loss" in capsys.readouterr().out
 
 
-def test_sweep_messages_and_user_retention_data(model_folder, tmp_path, capsys):  # noqa: F811
+def test_sweep_messages_and_user_retention_data(model_folder, tmp_path, capsys):
     data = messages_file(tmp_path / "chat.jsonl")
-    retention = tmp_path / "retention.jsonl"
-    retention.write_text("".join(json.dumps({"text": f"w{i} w{i + 1} w{i + 2} w{i + 3} ."}) + "\n" for i in range(6)))
+    retention = write_jsonl(tmp_path / "retention.jsonl",
+                            [{"text": f"w{i} w{i + 1} w{i + 2} w{i + 3} ."} for i in range(6)])
     out = tmp_path / "sweep"
     code = main(["sweep", "--model_name_or_path", str(model_folder), "--dataset_name", str(data), "--eval_dataset",
                  str(data), "--kl_weights", "1", "--retention_data", str(retention), "--task_name", "chat",
@@ -66,7 +67,7 @@ def test_sweep_messages_and_user_retention_data(model_folder, tmp_path, capsys):
     (["--baseline", "mse"], "--baseline must be one of"),
     (["--seeds", "0"], "--seeds must be >= 1"),
 ])
-def test_bad_grid_is_refused_before_training(model_folder, tmp_path, capsys, flags, message):  # noqa: F811
+def test_bad_grid_is_refused_before_training(model_folder, tmp_path, capsys, flags, message):
     train = prompt_completion_file(tmp_path / "train.jsonl")
     out = tmp_path / "never"
     code = main(["sweep", "--model_name_or_path", str(model_folder), "--dataset_name", str(train), *flags,
@@ -77,20 +78,15 @@ def test_bad_grid_is_refused_before_training(model_folder, tmp_path, capsys, fla
     assert not out.exists()
 
 
-def test_sweep_needs_an_evaluation_split(model_folder, tmp_path, capsys):  # noqa: F811
+def test_sweep_needs_an_evaluation_split(model_folder, tmp_path, capsys):
     train = prompt_completion_file(tmp_path / "train.jsonl")
     code = main(["sweep", "--model_name_or_path", str(model_folder), "--dataset_name", str(train),
                  "--output_dir", str(tmp_path / "out")])
     assert code == 2 and "has no split" in capsys.readouterr().err
 
 
-def test_sweep_shares_one_base_pass(model_folder, tmp_path, monkeypatch):  # noqa: F811
+def test_sweep_shares_one_base_pass(model_folder, tmp_path, base_rows_counter):
     """--precompute_base true: the sweep's non-target KL runs share one cache, built by the first of them."""
-    import kl_nontarget.batch as batch_module
-
-    calls = []
-    original = batch_module.base_forward
-    monkeypatch.setattr(batch_module, "base_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     train = prompt_completion_file(tmp_path / "train.jsonl")
     held_out = prompt_completion_file(tmp_path / "eval.jsonl", n=6, seed=9)
     cache = tmp_path / "cache"
@@ -103,4 +99,4 @@ def test_sweep_shares_one_base_pass(model_folder, tmp_path, monkeypatch):  # noq
     runs = json.loads((tmp_path / "sweep" / "results.json").read_text())["runs"]
     assert [r["kl_weight"] for r in runs if r["method"] == "nontarget_kl"] == [0.3, 1.0, 3.0]
     examples = len(train.read_text().splitlines())
-    assert len(calls) == -(-examples // 4) + 1
+    assert base_rows_counter["calls"] == -(-examples // 4) + 1

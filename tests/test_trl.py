@@ -18,10 +18,11 @@ from tiny_models import (
     collate,
     independent_loss,
     load_model,
+    load_tokenizer,
     lora_config,
     peft_model,
     perturb_trainable,
-    tiny_tokenizer,
+    sgd_args,
     toy_prompt_completions,
     toy_token_batches,
     trainable_state,
@@ -31,12 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sft_args(tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                  max_steps=3, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
-                  report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0,
-                  disable_tqdm=True, max_length=64)
-    kwargs.update(overrides)
-    return SFTConfig(**kwargs)
+    # bf16 left at TRL's default (test_hook_and_subclass_train_identically_in_sft asserts it is on).
+    return sgd_args(tmp_path, cls=SFTConfig, **{"max_steps": 3, "max_length": 64, **overrides})
 
 
 def prompt_completion(n=16):
@@ -67,7 +64,7 @@ def hooks_of(loss_func, model):
 
 
 def test_sft_subclass_prompt_completion_matches_reference_and_trains(model_dirs, tmp_path):
-    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    tokenizer = load_tokenizer(model_dirs)
     trainer = NonTargetKLSFTTrainer(model=load_model(model_dirs), args=sft_args(tmp_path),
                                     train_dataset=prompt_completion(), eval_dataset=prompt_completion(8),
                                     processing_class=tokenizer,
@@ -97,7 +94,7 @@ def test_sft_subclass_prompt_completion_matches_reference_and_trains(model_dirs,
 
 
 def test_sft_subclass_conversational(model_dirs, tmp_path):
-    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    tokenizer = load_tokenizer(model_dirs)
     model = peft_model(model_dirs)
     trainer = NonTargetKLSFTTrainer(model=model, args=sft_args(tmp_path, max_steps=2), train_dataset=conversational(),
                                     processing_class=tokenizer)
@@ -110,7 +107,7 @@ def test_sft_subclass_conversational(model_dirs, tmp_path):
 
 
 def test_sft_subclass_packing_padding_free(model_dirs, tmp_path):
-    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    tokenizer = load_tokenizer(model_dirs)
     model = peft_model(model_dirs)
     trainer = NonTargetKLSFTTrainer(model=model, args=sft_args(tmp_path, max_steps=2, packing=True, max_length=48,
                                                                per_device_train_batch_size=2),
@@ -129,7 +126,7 @@ def test_sft_subclass_packing_padding_free(model_dirs, tmp_path):
 
 def test_hook_and_subclass_train_identically_in_sft(model_dirs, tmp_path):
     # Both through TRL's peft_config path (SFTTrainer wraps the model; the hook then sits on the inner model).
-    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    tokenizer = load_tokenizer(model_dirs)
     common = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2)
     torch.manual_seed(0)
     sub = NonTargetKLSFTTrainer(model=load_model(model_dirs), args=sft_args(tmp_path / "a", **common),
@@ -158,7 +155,7 @@ def test_hook_and_subclass_train_identically_in_sft(model_dirs, tmp_path):
 
 
 def test_hook_on_peft_model_matches_reference_in_sft(model_dirs, tmp_path):
-    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    tokenizer = load_tokenizer(model_dirs)
     model = peft_model(model_dirs)
     hook = nontarget_kl_loss_func(model, kl_weight=0.5, kl_direction="reverse")
     with pytest.warns(FutureWarning):
@@ -267,7 +264,7 @@ def test_hook_errors(model_dirs, tmp_path):
 
 
 def test_subclass_rejects_what_it_does_not_support(model_dirs, tmp_path):
-    tokenizer = tiny_tokenizer(model_dirs / "tokenizer")
+    tokenizer = load_tokenizer(model_dirs)
     with pytest.raises(ValueError, match="compute_loss_func"):
         NonTargetKLSFTTrainer(model=peft_model(model_dirs), args=sft_args(tmp_path), train_dataset=prompt_completion(),
                               processing_class=tokenizer, compute_loss_func=lambda *a, **k: 0)

@@ -6,12 +6,14 @@
 - `tiny_tokenizer(path=None)`: a word-level `PreTrainedTokenizerFast` over `WORDS` plus special tokens, whose size
   is at most `VOCAB_SIZE`, with a minimal chat template.
 - `toy_texts(n)`, `toy_prompt_completions(n)`: deterministic toy data in that vocabulary.
+- `write_jsonl(path, rows)`, `prompt_completion_file(path)`, `messages_file(path)`: that data as jsonl files.
 
 Every builder seeds torch itself, so two calls with the same arguments give the same weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -114,6 +116,24 @@ def toy_prompt_completions(n, *, seed=0):
     return rows
 
 
+def write_jsonl(path, rows):
+    """Write `rows` (dicts) to `path` as JSON lines; returns `path`."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def prompt_completion_file(path, n=16, seed=5):
+    """A jsonl file of `toy_prompt_completions(n, seed=seed)`."""
+    return write_jsonl(path, toy_prompt_completions(n, seed=seed))
+
+
+def messages_file(path, n=12, seed=6):
+    """A jsonl file of the same pairs as conversations: {"messages": [user prompt, assistant completion]}."""
+    return write_jsonl(path, [{"messages": [{"role": "user", "content": r["prompt"]},
+                                            {"role": "assistant", "content": r["completion"]}]}
+                              for r in toy_prompt_completions(n, seed=seed)])
+
+
 def toy_token_batches(n, *, seed=0, seq_len=12, vocab_size=VOCAB_SIZE, prompt_max=6):
     """`n` examples {input_ids, attention_mask, labels} with right padding and masked prompts (uneven counts)."""
     g = torch.Generator().manual_seed(seed)
@@ -170,16 +190,20 @@ def perturb_trainable(model, scale=0.3, seed=1):
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
-def sgd_args(tmp_path, **overrides):
-    """TrainingArguments for short deterministic CPU runs in tests: plain SGD at a constant rate, batch 4, 2 steps."""
+def sgd_args(tmp_path, *, cls=None, **overrides):
+    """Arguments for short deterministic CPU runs in tests: plain SGD at a constant rate, batch 4, 2 steps.
+
+    `cls`: the arguments class (TrainingArguments by default; e.g. trl's SFTConfig); `overrides` go to it as well.
+    """
     from transformers import TrainingArguments
 
+    cls = cls or TrainingArguments
     kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
                   max_steps=2, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
                   report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0,
                   disable_tqdm=True)
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return cls(**kwargs)
 
 
 def load_model(model_dirs, arch="llama", dtype=torch.float32):
@@ -187,6 +211,13 @@ def load_model(model_dirs, arch="llama", dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dirs / arch, dtype=dtype)
+
+
+def load_tokenizer(model_dirs):
+    """The tokenizer saved under `model_dirs` (conftest.py's fixture): `tiny_tokenizer`'s, without building it again."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(os.fspath(model_dirs / "tokenizer"))
 
 
 def lora_config(**overrides):
@@ -211,7 +242,17 @@ def trainable_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def assert_same_state(a, b, atol=1e-6):
+def assert_same_state(a, b, atol=1e-6, rtol=1e-5):
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=name)
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=rtol, msg=name)
+
+
+def loss_and_grads(trainer, model, batch, num_items_in_batch=None):
+    """(loss, {name: gradient} of the trainable parameters) of one `trainer.compute_loss` on `batch`; grads cleared."""
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items_in_batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads

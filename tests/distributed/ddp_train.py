@@ -31,7 +31,6 @@ def main():
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--examples", type=int, default=24)
-    parser.add_argument("--fsdp", action="store_true", help="shard with accelerate's FSDP plugin (FSDP2)")
     args = parser.parse_args()
 
     from peft import LoraConfig, get_peft_model
@@ -54,29 +53,21 @@ def main():
     model = get_peft_model(model, config)
     data = toy_token_batches(args.examples, seed=3)
 
-    extra = {}
-    if args.fsdp:
-        extra = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
-                                                     "auto_wrap_policy": "NO_WRAP"})
     training_args = TrainingArguments(
         output_dir=os.path.join(args.out, "trainer"), per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.accum, max_steps=args.steps, learning_rate=0.5, optim="sgd",
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_drop_last=True,
-        remove_unused_columns=False, ddp_backend="gloo" if "RANK" in os.environ else None, **extra)
+        remove_unused_columns=False, ddp_backend="gloo" if "RANK" in os.environ else None)
     trainer = SequentialTrainer(model=model, args=training_args, train_dataset=data, data_collator=collate,
                                 kl_weight=1.0)
     trainer.train()
 
     rank = trainer.accelerator.process_index
-    from torch.distributed.tensor import DTensor
-
-    sharded = any(isinstance(p, DTensor) for p in trainer.model.parameters())
     with open(os.path.join(args.out, f"logs_rank{rank}.json"), "w") as f:
-        json.dump({"world_size": trainer.accelerator.num_processes, "fsdp": trainer.is_fsdp_enabled,
-                   "sharded": sharded, "exit_handler": install_exit_handler(),
+        json.dump({"world_size": trainer.accelerator.num_processes, "exit_handler": install_exit_handler(),
                    "log_history": trainer.state.log_history}, f)
-    state = trainer.accelerator.get_state_dict(trainer.model)  # gathers sharded (FSDP) parameters
+    state = trainer.accelerator.get_state_dict(trainer.model)  # the unwrapped model's (not DDP's) state dict
     if trainer.accelerator.is_main_process:
         trainable = {k: v.detach().cpu().clone() for k, v in state.items() if "lora_" in k}
         torch.save(trainable, os.path.join(args.out, "weights.pt"))

@@ -17,50 +17,34 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: tiny_models
 
-from tiny_models import collate, tiny_llama, toy_token_batches  # noqa: E402
+# fsdp_base_pass.py lies beside this script, whose folder python and torchrun put on sys.path.
+from fsdp_base_pass import logits_loss, lora_weights, sgd_steps, shard  # noqa: E402
+
+from tiny_models import tiny_llama, toy_token_batches  # noqa: E402
 
 
 def train(fused, data, rank, world):
     from peft import LoraConfig, get_peft_model
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from kl_nontarget import nontarget_kl_loss
-    from kl_nontarget.batch import compute_batch_hidden, compute_batch_logits, head_tensors, shifted_labels
+    from kl_nontarget.batch import compute_batch_hidden, head_tensors
     from kl_nontarget.linear import nontarget_kl_linear_loss
     from kl_nontarget.lm_head import fused_heads
 
     torch.manual_seed(1)
     model = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
                                                           init_lora_weights=False))
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    model.train()
-    losses, dtensor = [], []
-    for step in range(3):
-        batch = collate(data[step * 4:(step + 1) * 4])
-        items = int((shifted_labels(batch) != -100).sum())
-        local = {k: v[rank * 2:(rank + 1) * 2] for k, v in batch.items()}
-        if fused:
-            b = compute_batch_hidden(model, local, fused_heads(model)[0])
-            dtensor.append(isinstance(model.get_output_embeddings().weight, DTensor))
-            with head_tensors(b) as t:
-                loss = nontarget_kl_linear_loss(t.hidden, t.ref_hidden, t.weight, t.labels, num_items_in_batch=items)
-        else:
-            b = compute_batch_logits(model, local)
-            loss = nontarget_kl_loss(b.logits, b.ref_logits, b.labels, num_items_in_batch=items)
-        (loss * world).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(total.item())
-    weights = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    return losses, weights, dtensor
+    shard(model, world, reshard_after_forward=True)
+    dtensor = []
+
+    def fused_loss(model, local, items):
+        b = compute_batch_hidden(model, local, fused_heads(model)[0])
+        dtensor.append(isinstance(model.get_output_embeddings().weight, DTensor))
+        with head_tensors(b) as t:
+            return nontarget_kl_linear_loss(t.hidden, t.ref_hidden, t.weight, t.labels, num_items_in_batch=items)
+
+    losses = sgd_steps(model, data, fused_loss if fused else logits_loss, rank, world)
+    return losses, lora_weights(model), dtensor
 
 
 def main():
