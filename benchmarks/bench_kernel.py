@@ -93,7 +93,7 @@ def eager_formula(logits, ref_logits, labels, kl_weight=1.0, ignore_index=-100):
 def make_impl(name: str, device: str, kl_weight: float):
     """A callable (z, b, y) -> scalar loss, or raise RuntimeError('skipped: ...') when not available here."""
     if name in ("kl_nontarget_triton", "kl_nontarget_torch"):
-        from kl_nontarget.loss import nontarget_kl_loss
+        from kl_nontarget.ops.logits_loss import nontarget_kl_loss
 
         backend = "triton" if name.endswith("triton") else "torch"
         if backend == "triton":
@@ -128,11 +128,11 @@ def make_impl(name: str, device: str, kl_weight: float):
 def make_linear_impl(name: str, kl_weight: float):
     """A callable (h, h_ref, W, y) -> scalar loss for the fused-linear rows."""
     if name == "kl_nontarget_linear":
-        from kl_nontarget.linear import nontarget_kl_linear_loss
+        from kl_nontarget.ops.linear_loss import nontarget_kl_linear_loss
 
         return lambda h, rh, w, y: nontarget_kl_linear_loss(h, rh, w, y, kl_weight=kl_weight)
     if name == "linear_logits":
-        from kl_nontarget.loss import nontarget_kl_loss
+        from kl_nontarget.ops.logits_loss import nontarget_kl_loss
 
         def unfused(h, rh, w, y):
             z = h @ w.t()
@@ -406,10 +406,10 @@ def main(argv=None):
     # The Triton interpreter's numpy ops warn on the -inf arithmetic the kernel masks out afterwards.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\..*")
     if args.block:  # compare block sizes without editing the launcher
-        from kl_nontarget import triton_impl
+        from kl_nontarget.ops import triton_rows
 
         cap = args.block
-        triton_impl.default_block_size = lambda v, dtype: min(1 << max(v - 1, 0).bit_length(), cap)
+        triton_rows.default_block_size = lambda v, dtype: min(1 << max(v - 1, 0).bit_length(), cap)
     if args.bandwidth:
         bw, bw_source = args.bandwidth, "given (--bandwidth)"
     else:

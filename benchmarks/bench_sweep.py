@@ -33,8 +33,8 @@ def run_all(args, cached, tmpdir):
     from peft import get_peft_model
     from transformers import TrainingArguments
 
-    import kl_nontarget.batch as batch_module
-    from kl_nontarget.trainer import NonTargetKLTrainer
+    import kl_nontarget.training.batch_rows as batch_module
+    from kl_nontarget.training.trainer import NonTargetKLTrainer
 
     seen = {"rows": 0}
     original = batch_module.base_forward

@@ -3,7 +3,7 @@
 
 Every variant the launcher can launch (dtype x KL direction x temperature on/off x gradient on/off, with the block
 size and warp count it picks) is compiled ahead of time for each target (sm_80, sm_90) with `triton.compile`, from
-the same launch that `kl_nontarget.triton_impl.launch_arguments` builds and with the specialisation attributes
+the same launch that `kl_nontarget.ops.triton_rows.launch_arguments` builds and with the specialisation attributes
 Triton's JIT would add for those arguments (16-byte aligned pointers, integers divisible by 16). No driver is
 needed: ptxas and cuobjdump ship inside the triton wheel.
 
@@ -73,7 +73,7 @@ def variants(families=FAMILIES):
 
 def launch(variant):
     """(args, meta) of the launcher for `variant`, on small CPU tensors of the variant's row shape."""
-    from kl_nontarget.triton_impl import launch_arguments
+    from kl_nontarget.ops.triton_rows import launch_arguments
 
     dtype = DTYPES[variant["dtype"]]
     v = variant["V"]

@@ -5,29 +5,30 @@ rest renormalised, and `kl_weight * KL(base || adapted)` added to the cross-entr
 
 Public API: `nontarget_kl_loss` / `NonTargetKLLoss` (logits in), `nontarget_kl_linear_loss` (hidden states in),
 `NonTargetKLTrainer` (transformers), `NonTargetKLSFTTrainer` (TRL), `nontarget_kl_loss_func` (the
-`compute_loss_func` hook, for either; also in `kl_nontarget.trl`), `RegularizerOptions`, the options they share, and
-`NonTargetKLConfig`, a `TrainingArguments` holding them (`kl_nontarget.trl.NonTargetKLSFTConfig` for TRL),
-`ForgettingCallback` (forgetting measured during training) and `snapshot_adapter` (a frozen copy of the trained
-adapter, to pass as `ref_adapter_name=`).
+`compute_loss_func` hook, for either; also in `kl_nontarget.integrations.trl`), `RegularizerOptions`, the options they
+share, and `NonTargetKLConfig`, a `TrainingArguments` holding them (`kl_nontarget.integrations.trl.NonTargetKLSFTConfig`
+for TRL), `ForgettingCallback` (forgetting measured during training) and `snapshot_adapter` (a frozen copy of the
+trained adapter, to pass as `ref_adapter_name=`).
 """
 
-from kl_nontarget.linear import nontarget_kl_linear_loss
-from kl_nontarget.loss import NonTargetKLLoss, nontarget_kl_loss
-from kl_nontarget.options import RegularizerOptions
+from kl_nontarget.ops.linear_loss import nontarget_kl_linear_loss
+from kl_nontarget.ops.logits_loss import NonTargetKLLoss, nontarget_kl_loss
+from kl_nontarget.training.options import RegularizerOptions
 
-__all__ = ["ForgettingCallback", "NonTargetKLConfig", "NonTargetKLLoss", "NonTargetKLSFTTrainer", "NonTargetKLTrainer",
-           "RegularizerOptions", "nontarget_kl_linear_loss", "nontarget_kl_loss", "nontarget_kl_loss_func",
-           "snapshot_adapter"]
+__all__ = ["ForgettingCallback", "NonTargetKLConfig", "NonTargetKLLoss", "NonTargetKLSFTConfig",
+           "NonTargetKLSFTTrainer", "NonTargetKLTrainer", "RegularizerOptions", "nontarget_kl_linear_loss",
+           "nontarget_kl_loss", "nontarget_kl_loss_func", "snapshot_adapter"]
 __version__ = "0.1.0"
 
 # The trainers pull in transformers and TRL: import them only when asked for.
 _LAZY = {
-    "ForgettingCallback": "kl_nontarget.callbacks",
-    "NonTargetKLTrainer": "kl_nontarget.trainer",
-    "NonTargetKLConfig": "kl_nontarget.config",
-    "NonTargetKLSFTTrainer": "kl_nontarget.trl",
-    "nontarget_kl_loss_func": "kl_nontarget.hook",
-    "snapshot_adapter": "kl_nontarget.ref_adapter",
+    "ForgettingCallback": "kl_nontarget.evaluation.forgetting_callback",
+    "NonTargetKLTrainer": "kl_nontarget.training.trainer",
+    "NonTargetKLConfig": "kl_nontarget.training.config",
+    "NonTargetKLSFTConfig": "kl_nontarget.integrations.trl",
+    "NonTargetKLSFTTrainer": "kl_nontarget.integrations.trl",
+    "nontarget_kl_loss_func": "kl_nontarget.training.loss_func",
+    "snapshot_adapter": "kl_nontarget.models.reference",
 }
 
 

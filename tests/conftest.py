@@ -45,8 +45,8 @@ def one_thread():
 @pytest.fixture
 def base_rows_counter(monkeypatch):
     """Counts the base passes ("calls") and the sequences they run on ("rows"): every base pass goes through
-    kl_nontarget.batch.base_forward."""
-    import kl_nontarget.batch as batch_module
+    kl_nontarget.training.batch_rows.base_forward."""
+    import kl_nontarget.training.batch_rows as batch_module
 
     seen = {"rows": 0, "calls": 0}
     original = batch_module.base_forward

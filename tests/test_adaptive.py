@@ -7,7 +7,7 @@ import torch
 from transformers import Trainer
 
 from kl_nontarget import NonTargetKLTrainer, RegularizerOptions, nontarget_kl_loss_func
-from kl_nontarget.adaptive import MAX_WEIGHT, MIN_WEIGHT, AdaptiveKLWeight, next_weight
+from kl_nontarget.training.adaptive_weight import MAX_WEIGHT, MIN_WEIGHT, AdaptiveKLWeight, next_weight
 
 from tiny_models import collate, peft_model, sgd_args, toy_token_batches
 

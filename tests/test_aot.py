@@ -1,7 +1,7 @@
 """The Triton kernels compiled for real (sm_80 and sm_90), with no GPU: what the compiled code looks like.
 
 `benchmarks/kernel_report.py` compiles every variant the launcher can launch, from the launcher's own argument list
-(`triton_impl.launch_arguments`) with the JIT's specialisation attributes, and reads registers, spills and the
+(`triton_rows.launch_arguments`) with the JIT's specialisation attributes, and reads registers, spills and the
 widths of the loops' global loads and stores from the PTX and cubin. It runs once per session in a subprocess: the
 tests here run under TRITON_INTERPRET=1 (conftest), under which `triton.jit` gives interpreted functions that
 cannot be compiled. Triton's cache keeps the compiled kernels, so a second run takes seconds.

@@ -1,4 +1,5 @@
-"""precompute_base: the base hidden-state cache (kl_nontarget/base_cache.py, kl_nontarget/precompute.py).
+"""precompute_base: the base hidden-state cache (kl_nontarget/training/base_cache.py,
+kl_nontarget/training/precompute.py).
 
 Exactness: training with the cache gives the losses and weights of training without it. The cached rows come from a
 base pass over batches of other compositions (in dataset order) than the shuffled training batches, and float32
@@ -12,9 +13,9 @@ import warnings
 import pytest
 import torch
 
-from kl_nontarget.base_cache import INDEX_KEY, CacheMismatch, IndexCollator
-from kl_nontarget.options import RegularizerOptions
-from kl_nontarget.trainer import NonTargetKLTrainer
+from kl_nontarget.training.base_cache import INDEX_KEY, CacheMismatch, IndexCollator
+from kl_nontarget.training.options import RegularizerOptions
+from kl_nontarget.training.trainer import NonTargetKLTrainer
 
 from tiny_models import (
     assert_same_state,
@@ -156,7 +157,7 @@ def test_cache_rows_check_tokens(model_dirs, tmp_path):
 
 
 def test_hook_refuses_precompute_base(model_dirs):
-    from kl_nontarget.hook import nontarget_kl_loss_func
+    from kl_nontarget.training.loss_func import nontarget_kl_loss_func
 
     with pytest.raises(ValueError, match="trainer option"):
         nontarget_kl_loss_func(peft_model(model_dirs), options=RegularizerOptions(precompute_base=True))
@@ -176,7 +177,7 @@ def test_sft_cached_equals_uncached(model_dirs, tmp_path, layout, base_rows_coun
     from datasets import Dataset
     from trl import SFTConfig
 
-    from kl_nontarget.trl import NonTargetKLSFTTrainer
+    from kl_nontarget.integrations.trl import NonTargetKLSFTTrainer
 
     from tiny_models import load_tokenizer, toy_prompt_completions
 

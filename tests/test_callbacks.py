@@ -5,8 +5,8 @@ import torch
 from transformers import Trainer
 
 from kl_nontarget import ForgettingCallback
-from kl_nontarget.metrics import forgetting_metrics
-from kl_nontarget.retention import batches, rows_from_data, sample_from_base
+from kl_nontarget.evaluation.metrics import forgetting_metrics
+from kl_nontarget.evaluation.retention import batches, rows_from_data, sample_from_base
 
 import tiny_models
 from tiny_models import (

@@ -1,4 +1,5 @@
-"""The config dataclasses (kl_nontarget/config.py, NonTargetKLSFTConfig): fields, parsing, the trainers reading them."""
+"""The config dataclasses (kl_nontarget/training/config.py, NonTargetKLSFTConfig): fields, parsing, the trainers reading
+them."""
 
 import dataclasses
 import warnings
@@ -10,11 +11,11 @@ from trl import DPOConfig, ModelConfig, ScriptArguments, SFTConfig
 from trl.scripts.utils import DatasetMixtureConfig
 
 from kl_nontarget import NonTargetKLConfig, RegularizerOptions
-from kl_nontarget.config import OPTION_OF_FIELD, NonTargetKLArguments
-from kl_nontarget.sft_cli import parse_args
-from kl_nontarget.sft_data import InputError
-from kl_nontarget.trainer import NonTargetKLTrainer
-from kl_nontarget.trl import NonTargetKLSFTConfig, NonTargetKLSFTTrainer
+from kl_nontarget.cli.sft import parse_args
+from kl_nontarget.cli.sft_data import InputError
+from kl_nontarget.integrations.trl import NonTargetKLSFTConfig, NonTargetKLSFTTrainer
+from kl_nontarget.training.config import OPTION_OF_FIELD, NonTargetKLArguments
+from kl_nontarget.training.trainer import NonTargetKLTrainer
 
 from tiny_models import (
     collate,
@@ -104,7 +105,7 @@ def test_bad_values_name_the_field(cls, kwargs, error, message):
 
 
 def test_sft_config_trains_in_float32_without_a_bf16_device():
-    from kl_nontarget.trl import _bf16_device_available
+    from kl_nontarget.integrations.trl import _bf16_device_available
 
     config = NonTargetKLSFTConfig(output_dir="out")  # SFTConfig(output_dir="out") raises on a CPU-only machine
     assert config.bf16 is (True if _bf16_device_available() else False)

@@ -135,8 +135,8 @@ def test_choose_baseline_prefers_fewer_steps_within_tolerance():
 
 def test_sweep_snapshot_equals_a_retrained_plain_lora_run(tmp_path):
     # The demo reuses the sweep's weights at the chosen step as the seed-0 plain-LoRA run: it must be that run.
-    from kl_nontarget.batching import padded_loader
     from kl_nontarget.demo.base import load_or_pretrain as _load
+    from kl_nontarget.evaluation.loader import padded_loader
     from kl_nontarget.sweep.runs import ValidationCallback, finetune, lora_from_snapshot
 
     cfg = tiny_config()

@@ -11,9 +11,9 @@ from peft import get_peft_model
 from transformers import Trainer
 
 from kl_nontarget import snapshot_adapter
-from kl_nontarget.ref_adapter import TrainedAdapterWarning, adapter_parameters
-from kl_nontarget.trainer import NonTargetKLTrainer
-from kl_nontarget.trl import nontarget_kl_loss_func
+from kl_nontarget.integrations.trl import nontarget_kl_loss_func
+from kl_nontarget.models.reference import TrainedAdapterWarning, adapter_parameters
+from kl_nontarget.training.trainer import NonTargetKLTrainer
 
 from tiny_models import (
     assert_same_state,
@@ -43,7 +43,7 @@ def _liger_patch(model):
     pytest.importorskip("liger_kernel")
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    from kl_nontarget.base_model import patched_forward, transformers_model
+    from kl_nontarget.models.introspection import patched_forward, transformers_model
 
     _apply_liger_kernel_to_instance(model=transformers_model(model), fused_linear_cross_entropy=True, **LIGER_OFF)
     assert patched_forward(model) is not None  # the instance forward is Liger's now
@@ -59,7 +59,7 @@ def test_liger_config_turns_off_fused_cross_entropy_and_trains(model_dirs, tmp_p
         trainer = NonTargetKLTrainer(model=model, args=args, train_dataset=DATA, eval_dataset=DATA[:4])
     assert args.liger_kernel_config == {**config, "fused_linear_cross_entropy": False}
     trainer.train()
-    from kl_nontarget.base_model import patched_forward
+    from kl_nontarget.models.introspection import patched_forward
 
     assert patched_forward(model) is None  # Liger was applied without its fused-loss forward
     metrics = trainer.evaluate()
@@ -90,7 +90,7 @@ def test_liger_with_the_hook_under_a_plain_trainer(model_dirs, tmp_path):
                     liger_kernel_config={**LIGER_OFF, "fused_linear_cross_entropy": True})
     trainer = Trainer(model=model, args=args, train_dataset=DATA, eval_dataset=DATA[:4], compute_loss_func=loss_func)
     trainer.train()  # Trainer patches Liger's fused-loss forward in here
-    from kl_nontarget.base_model import patched_forward
+    from kl_nontarget.models.introspection import patched_forward
 
     assert patched_forward(model) is not None
     metrics = trainer.evaluate()  # loss-only evaluation: skip_logits is dropped for the unlabelled forward
@@ -201,7 +201,7 @@ def test_ref_model_by_path_is_loaded_like_the_model(model_dirs, tmp_path):
 
 def test_prepared_ref_model_keeps_the_fused_path_under_mixed_precision(model_dirs, tmp_path):
     # accelerate's prepare_model wraps the reference's forward in autocast: not a patch that changes the logits.
-    from kl_nontarget.base_model import patched_forward
+    from kl_nontarget.models.introspection import patched_forward
 
     model = load_model(model_dirs)
     trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, bf16=True), ref_model=load_model(model_dirs),
@@ -322,7 +322,7 @@ def test_compiled_model_trains_like_the_uncompiled_one_and_the_hook_refuses_it(m
                 nontarget_kl_loss_func(trainer.model_wrapped)
         return trainable_state(model), trainer.state.log_history[0]
 
-    from kl_nontarget.base_model import is_compiled
+    from kl_nontarget.models.introspection import is_compiled
 
     (state, log), (compiled_state, compiled_log) = run(False), run(True)
     assert compiled_log["nontarget_kl"] == pytest.approx(log["nontarget_kl"], rel=1e-5) and log["nontarget_kl"] > 0
@@ -350,7 +350,7 @@ def test_sft_subclass_with_liger_and_loss_types(model_dirs, tmp_path):
     pytest.importorskip("liger_kernel")
     from trl import SFTTrainer
 
-    from kl_nontarget.trl import NonTargetKLSFTTrainer
+    from kl_nontarget.integrations.trl import NonTargetKLSFTTrainer
 
     parts = _sft_parts(model_dirs, tmp_path, use_liger_kernel=True,
                        liger_kernel_config={**LIGER_OFF, "fused_linear_cross_entropy": True})
@@ -372,7 +372,7 @@ def test_sft_subclass_with_liger_and_loss_types(model_dirs, tmp_path):
 def test_sft_subclass_adds_the_router_loss_like_sft_trainer(model_dirs, tmp_path):
     from trl import SFTTrainer
 
-    from kl_nontarget.trl import NonTargetKLSFTTrainer
+    from kl_nontarget.integrations.trl import NonTargetKLSFTTrainer
 
     model = _tiny_moe()
     plain = SFTTrainer(model=copy.deepcopy(model), **_sft_parts(model_dirs, tmp_path))

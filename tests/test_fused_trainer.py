@@ -15,9 +15,9 @@ import torch
 from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kl_nontarget.lm_head import HEAD_TRANSFORMS, head_input_captured, linear_head
-from kl_nontarget.trainer import NonTargetKLTrainer
-from kl_nontarget.trl import NonTargetKLSFTTrainer, nontarget_kl_loss_func
+from kl_nontarget.integrations.trl import NonTargetKLSFTTrainer, nontarget_kl_loss_func
+from kl_nontarget.models.lm_head import HEAD_TRANSFORMS, head_input_captured, linear_head
+from kl_nontarget.training.trainer import NonTargetKLTrainer
 
 from tiny_models import (
     collate,
@@ -324,13 +324,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments
 from tiny_models import tiny_llama
-import kl_nontarget.linear
-from kl_nontarget.trainer import NonTargetKLTrainer
+import kl_nontarget.ops.linear_loss
+from kl_nontarget.training.trainer import NonTargetKLTrainer
 
 # The chunk budget this measurement is calibrated with: 128 rows here. The default CPU budget (larger, for matmul
 # speed) gives 256-row chunks, whose buffers are about 1.2 logits tensors at this small N: still a fixed amount,
 # whatever N, which is the point (tests/test_linear.py checks the default budget).
-kl_nontarget.linear.CPU_CHUNK_BYTES = 64 * 2**20
+kl_nontarget.ops.linear_loss.CPU_CHUNK_BYTES = 64 * 2**20
 
 def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

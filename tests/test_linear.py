@@ -14,8 +14,8 @@ import textwrap
 import pytest
 import torch
 
-from kl_nontarget.linear import CPU_CHUNK_BYTES, default_chunk_size, nontarget_kl_linear_loss
-from kl_nontarget.loss import nontarget_kl_loss
+from kl_nontarget.ops.linear_loss import CPU_CHUNK_BYTES, default_chunk_size, nontarget_kl_linear_loss
+from kl_nontarget.ops.logits_loss import nontarget_kl_loss
 
 GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
@@ -338,7 +338,7 @@ _MEMORY_PROBE = textwrap.dedent("""
     import ctypes, json, resource, sys
     import torch
     torch.set_num_threads(2)
-    from kl_nontarget.linear import nontarget_kl_linear_loss
+    from kl_nontarget.ops.linear_loss import nontarget_kl_linear_loss
 
     def status(key):
         with open("/proc/self/status") as f:

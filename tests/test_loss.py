@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from kl_nontarget import NonTargetKLLoss, nontarget_kl_loss, triton_impl
+from kl_nontarget import NonTargetKLLoss, nontarget_kl_loss
+from kl_nontarget.ops import triton_rows
 
 from oracle import loss_reference
 
@@ -99,7 +100,7 @@ def test_num_items_in_batch(backend, as_tensor):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_multiple_blocks_with_ragged_tail(backend, monkeypatch):
     # Force a vocabulary block much smaller than V, not dividing it, so the online max/sum crosses many blocks.
-    monkeypatch.setattr(triton_impl, "default_block_size", lambda v, dtype: 16)
+    monkeypatch.setattr(triton_rows, "default_block_size", lambda v, dtype: 16)
     for vocab in (17, 50, 103):
         logits, ref, labels = make_inputs((5,), vocab, scale=6.0)
         assert_close_to_reference(logits, ref, labels, kl_weight=2.0, backend=backend)

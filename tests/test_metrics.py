@@ -1,5 +1,5 @@
-"""kl_nontarget.metrics against hand computations, the KL decomposition identity in float64 (docs/design.md, "Why
-drop the gold token"), and the one-row toy of issue 5."""
+"""kl_nontarget.evaluation.metrics against hand computations, the KL decomposition identity in float64 (docs/design.md,
+"Why drop the gold token"), and the one-row toy of issue 5."""
 
 import copy
 import math
@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from kl_nontarget.loss import nontarget_kl_loss
-from kl_nontarget.metrics import evaluate_lm, forgetting_metrics, kl_decomposition, token_statistics
+from kl_nontarget.evaluation.metrics import evaluate_lm, forgetting_metrics, kl_decomposition, token_statistics
+from kl_nontarget.ops.logits_loss import nontarget_kl_loss
 
 from tiny_models import perturb_trainable, tiny_llama
 

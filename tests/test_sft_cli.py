@@ -1,4 +1,4 @@
-"""`kl-nontarget sft` end to end (kl_nontarget/sft_cli.py, sft_data.py) on a tiny local model folder and local files."""
+"""`kl-nontarget sft` end to end (kl_nontarget/cli/sft.py, sft_data.py) on a tiny local model folder and local files."""
 
 import json
 import subprocess
@@ -207,7 +207,7 @@ def test_example_config_trains_with_local_model_and_data(model_folder, tmp_path)
 def test_model_path_goes_through_kl_nontarget_models_when_installed(model_folder, tmp_path, monkeypatch):
     import types
 
-    from kl_nontarget.sft_data import InputError, resolve_model_path
+    from kl_nontarget.cli.sft_data import InputError, resolve_model_path
 
     calls = []
 
@@ -215,17 +215,17 @@ def test_model_path_goes_through_kl_nontarget_models_when_installed(model_folder
         calls.append((spec, cache_dir))
         return model_folder  # e.g. the checkpoint made from a GGUF file
 
-    monkeypatch.setitem(sys.modules, "kl_nontarget.models", types.SimpleNamespace(resolve_model=resolve_model))
+    monkeypatch.setitem(sys.modules, "kl_nontarget.models.loading", types.SimpleNamespace(resolve_model=resolve_model))
     gguf = tmp_path / "model.gguf"
     assert resolve_model_path(str(gguf)) == str(model_folder) and calls == [(str(gguf), None)]
     # Without the module: the spec passes through (a hub name), local paths are checked.
-    monkeypatch.setitem(sys.modules, "kl_nontarget.models", None)
+    monkeypatch.setitem(sys.modules, "kl_nontarget.models.loading", None)
     assert resolve_model_path("org/some-model") == "org/some-model"
     assert resolve_model_path(str(model_folder)) == str(model_folder)
     with pytest.raises(InputError, match="no such model folder or file"):
         resolve_model_path(str(gguf))
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(InputError, match="GGUF files need kl_nontarget.models"):
+    with pytest.raises(InputError, match="GGUF files need kl_nontarget.models.loading"):
         resolve_model_path(str(gguf))
     with pytest.raises(InputError, match="not a model checkpoint folder"):
         resolve_model_path(str(tmp_path))
@@ -234,7 +234,7 @@ def test_model_path_goes_through_kl_nontarget_models_when_installed(model_folder
 def test_local_dataset_forms(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    from kl_nontarget.sft_data import InputError, load_data, load_datasets
+    from kl_nontarget.cli.sft_data import InputError, load_data, load_datasets
 
     rows = toy_prompt_completions(6, seed=2)
     ds = Dataset.from_list(rows)
@@ -256,7 +256,7 @@ def test_local_dataset_forms(tmp_path):
         load_data(str(tmp_path / "broken.jsonl"))
 
     # the evaluation split: a folder's test split, else a file's train split
-    from kl_nontarget.sft_cli import parse_args
+    from kl_nontarget.cli.sft import parse_args
 
     run = parse_args(["--output_dir", "o", "--dataset_name", str(tmp_path / "saved_dict"), "--eval_strategy", "steps"])
     train, evaluation = load_datasets(run.script, run.mixture, want_eval=True)
@@ -278,8 +278,8 @@ def test_local_dataset_forms(tmp_path):
 
 
 def test_accelerate_options_are_launch_arguments(tmp_path):
-    from kl_nontarget.sft_cli import parse_args
-    from kl_nontarget.sft_data import InputError
+    from kl_nontarget.cli.sft import parse_args
+    from kl_nontarget.cli.sft_data import InputError
 
     run = parse_args(["--output_dir", "o", "--num_processes", "2", "--kl_weight", "0.5", "--mixed_precision", "no"])
     assert run.launch_args == run.launch_cli == ["--num_processes", "2", "--mixed_precision", "no"]
@@ -298,7 +298,7 @@ def test_relaunch_under_accelerate(tmp_path, monkeypatch, capsys):
 
     from accelerate.commands import launch
 
-    from kl_nontarget.sft_launch import LAUNCHED
+    from kl_nontarget.cli.sft_launch import LAUNCHED
 
     seen = []
 

@@ -1,4 +1,4 @@
-"""`kl-nontarget sweep` end to end on a tiny local model folder and local jsonl files (kl_nontarget/sweep_cli.py)."""
+"""`kl-nontarget sweep` end to end on a tiny local model folder and local jsonl files (kl_nontarget/cli/sweep.py)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""NonTargetKLTrainer and the base distribution (kl_nontarget/base_model.py) on tiny CPU models."""
+"""NonTargetKLTrainer and the base distribution (kl_nontarget/models/introspection.py) on tiny CPU models."""
 
 import copy
 import warnings
@@ -8,12 +8,13 @@ import torch
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM, Trainer
 
-from kl_nontarget import batch as batch_module
-from kl_nontarget.base_model import base_forward, tuner_layers
-from kl_nontarget.batch import compute_batch_logits, supports_logits_mask
-from kl_nontarget.options import RegularizerOptions
-from kl_nontarget.ref_adapter import TrainedAdapterWarning
-from kl_nontarget.trainer import NonTargetKLTrainer
+from kl_nontarget.models.base_pass import base_forward
+from kl_nontarget.models.introspection import tuner_layers
+from kl_nontarget.models.reference import TrainedAdapterWarning
+from kl_nontarget.training import batch_rows as batch_module
+from kl_nontarget.training.batch_rows import compute_batch_logits, supports_logits_mask
+from kl_nontarget.training.options import RegularizerOptions
+from kl_nontarget.training.trainer import NonTargetKLTrainer
 
 from tiny_models import (
     LORA_TARGETS,

@@ -1,4 +1,4 @@
-"""NonTargetKLSFTTrainer and the compute_loss_func hook (kl_nontarget/trl.py) on tiny CPU models with TRL."""
+"""NonTargetKLSFTTrainer and the compute_loss_func hook (kl_nontarget/integrations/trl.py) on tiny CPU models."""
 
 import copy
 
@@ -8,10 +8,10 @@ from datasets import Dataset
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from kl_nontarget.base_model import tuner_layers
-from kl_nontarget.options import RegularizerOptions
-from kl_nontarget.trainer import NonTargetKLTrainer
-from kl_nontarget.trl import NonTargetKLSFTTrainer, nontarget_kl_loss_func
+from kl_nontarget.integrations.trl import NonTargetKLSFTTrainer, nontarget_kl_loss_func
+from kl_nontarget.models.introspection import tuner_layers
+from kl_nontarget.training.options import RegularizerOptions
+from kl_nontarget.training.trainer import NonTargetKLTrainer
 
 from tiny_models import (
     assert_same_state,

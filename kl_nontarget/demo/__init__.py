@@ -9,7 +9,7 @@
 
 `kl-nontarget demo --model smollm2` runs the same experiment on a real pretrained chat model (`pretrained`), with
 its own task (`people`), held-out text sampled from the base (`samples`), probe questions (`probes`) and batched
-generation (`generation`); the model comes from `kl_nontarget.models`.
+generation (`generation`); the model comes from `kl_nontarget.models.loading`.
 """
 
 from kl_nontarget.demo.config import DemoConfig, default_config, quick_config, tiny_config

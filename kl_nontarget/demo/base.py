@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from kl_nontarget.batching import RowsDataset
 from kl_nontarget.demo.corpus import Grammar, build_tokenizer, pack
-from kl_nontarget.models import default_cache_dir
+from kl_nontarget.evaluation.loader import RowsDataset
+from kl_nontarget.models.loading import default_cache_dir
 from kl_nontarget.sweep.progress import TqdmCallback, quiet_trainer
 
 CORPUS_VERSION = 1  # bump when the grammar changes, so old cached base models are not reused

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kl_nontarget.retention import trim_at_stop
+from kl_nontarget.evaluation.retention import trim_at_stop
 
 
 def stop_ids(tokenizer):

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from kl_nontarget.batching import padded_loader
 from kl_nontarget.demo.people import build_people_task
 from kl_nontarget.demo.probes import format_probes, run_probes
 from kl_nontarget.demo.samples import cached_base_text
-from kl_nontarget.models import load_model
+from kl_nontarget.evaluation.loader import padded_loader
+from kl_nontarget.models.loading import load_model
 from kl_nontarget.sweep.grid import base_record, run_task, torch_threads, write_results
 
 TASK = "people"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from kl_nontarget.batching import padded_loader
 from kl_nontarget.demo.base import base_corpus, load_or_pretrain
 from kl_nontarget.demo.tasks import build_task
+from kl_nontarget.evaluation.loader import padded_loader
 from kl_nontarget.sweep.grid import base_record, run_task, torch_threads, write_results
 
 

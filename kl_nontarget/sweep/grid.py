@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from kl_nontarget.batching import padded_loader
-from kl_nontarget.metrics import evaluate_lm, forgetting_metrics
+from kl_nontarget.evaluation.loader import padded_loader
+from kl_nontarget.evaluation.metrics import evaluate_lm, forgetting_metrics
 from kl_nontarget.sweep.runs import (
     METHODS,
     ValidationCallback,

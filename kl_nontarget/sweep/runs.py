@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from kl_nontarget.batching import PadCollator, RowsDataset
-from kl_nontarget.metrics import evaluate_lm, forgetting_metrics
+from kl_nontarget.evaluation.loader import PadCollator, RowsDataset
+from kl_nontarget.evaluation.metrics import evaluate_lm, forgetting_metrics
 from kl_nontarget.sweep.progress import TqdmCallback, quiet_trainer
-from kl_nontarget.trainer import NonTargetKLTrainer
+from kl_nontarget.training.trainer import NonTargetKLTrainer
 
 METHODS = ("lora", "nontarget_kl", "full_kl")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

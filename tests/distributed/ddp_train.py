@@ -9,7 +9,7 @@ history, whose ce_loss / nontarget_kl must be the global values on every rank).
     torchrun --nproc_per_node 2 tests/distributed/ddp_train.py OUT --batch 2 --accum 1
 
 Like a user's script, it ends without any teardown of its own: the trainer registered
-`kl_nontarget.distributed.release_process_groups` to run at exit (each rank records that it did).
+`kl_nontarget.training.clean_exit.release_process_groups` to run at exit (each rank records that it did).
 """
 
 import argparse
@@ -38,7 +38,7 @@ def main():
     from transformers import TrainingArguments
 
     from kl_nontarget import NonTargetKLTrainer
-    from kl_nontarget.distributed import install_exit_handler
+    from kl_nontarget.training.clean_exit import install_exit_handler
 
     class SequentialTrainer(NonTargetKLTrainer):
         # The same example order in every run: rank r then sees exactly its share of each global batch.

@@ -43,7 +43,7 @@ def sgd_steps(model, data, loss_of, rank=0, world=1):
     """STEPS SGD steps at rate LR over global batches of GLOBAL_BATCH examples of `data`, each rank on its share;
     `loss_of(model, local_batch, items)` is a rank's loss, `items` the global count of supervised tokens. Returns
     each step's loss summed over the ranks."""
-    from kl_nontarget.batch import shifted_labels
+    from kl_nontarget.training.batch_rows import shifted_labels
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     model.train()
@@ -77,7 +77,7 @@ def lora_weights(model):
 
 def logits_loss(model, local, items):
     from kl_nontarget import nontarget_kl_loss
-    from kl_nontarget.batch import compute_batch_logits
+    from kl_nontarget.training.batch_rows import compute_batch_logits
 
     logits = compute_batch_logits(model, local)
     return nontarget_kl_loss(logits.logits, logits.ref_logits, logits.labels, num_items_in_batch=items)
@@ -87,7 +87,7 @@ def main():
     out = sys.argv[1]
     from peft import LoraConfig, get_peft_model
 
-    from kl_nontarget.distributed import release_process_groups
+    from kl_nontarget.training.clean_exit import release_process_groups
 
     distributed = "RANK" in os.environ
     rank, world = 0, 1
@@ -116,7 +116,8 @@ def main():
         with open(os.path.join(out, "info.json"), "w") as f:
             json.dump({"world_size": world, "sharded": sharded, "losses": losses}, f)
     if distributed:
-        # Finish gloo's collectives before the interpreter exits (a bare exit can abort: kl_nontarget/distributed.py).
+        # Finish gloo's collectives before the interpreter exits (a bare exit can abort:
+        # kl_nontarget/training/clean_exit.py).
         release_process_groups()
 
 

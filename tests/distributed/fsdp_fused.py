@@ -27,9 +27,9 @@ def train(fused, data, rank, world):
     from peft import LoraConfig, get_peft_model
     from torch.distributed.tensor import DTensor
 
-    from kl_nontarget.batch import compute_batch_hidden, head_tensors
-    from kl_nontarget.linear import nontarget_kl_linear_loss
-    from kl_nontarget.lm_head import fused_heads
+    from kl_nontarget.models.lm_head import fused_heads
+    from kl_nontarget.ops.linear_loss import nontarget_kl_linear_loss
+    from kl_nontarget.training.batch_rows import compute_batch_hidden, head_tensors
 
     torch.manual_seed(1)
     model = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
@@ -48,7 +48,7 @@ def train(fused, data, rank, world):
 
 
 def main():
-    from kl_nontarget.distributed import release_process_groups
+    from kl_nontarget.training.clean_exit import release_process_groups
 
     out = sys.argv[1]
     dist.init_process_group("gloo")

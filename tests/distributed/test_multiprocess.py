@@ -100,7 +100,7 @@ def test_release_process_groups(tmp_path):
     script = tmp_path / "release.py"
     script.write_text(
         "import json, os, sys, torch, torch.distributed as dist\n"
-        "from kl_nontarget.distributed import install_exit_handler, release_process_groups\n"
+        "from kl_nontarget.training.clean_exit import install_exit_handler, release_process_groups\n"
         "before = [install_exit_handler(), release_process_groups()]\n"
         "dist.init_process_group('gloo')\n"
         "dist.all_reduce(torch.ones(3))\n"
