@@ -77,7 +77,7 @@ def test_hook_adapts_per_training_call(model_dirs, tmp_path, one_thread, kl_targ
     loss_func = nontarget_kl_loss_func(model, kl_weight=1.0, kl_target=kl_target)
     trainer = Trainer(model=model, args=sgd_args(tmp_path, max_steps=3, learning_rate=0.05),
                       train_dataset=toy_token_batches(32, seed=2), data_collator=collate, compute_loss_func=loss_func)
-    trainer.train()
+    loss_func.bind(trainer).train()
     assert loss_func.kl_weight == pytest.approx((1 + 0.02 * direction) ** 3, rel=1e-9)
     before = loss_func.kl_weight
     with torch.no_grad():  # evaluation calls leave the weight alone

@@ -89,7 +89,7 @@ def test_liger_with_the_hook_under_a_plain_trainer(model_dirs, tmp_path):
     args = sgd_args(tmp_path, use_liger_kernel=True,
                     liger_kernel_config={**LIGER_OFF, "fused_linear_cross_entropy": True})
     trainer = Trainer(model=model, args=args, train_dataset=DATA, eval_dataset=DATA[:4], compute_loss_func=loss_func)
-    trainer.train()  # Trainer patches Liger's fused-loss forward in here
+    loss_func.bind(trainer).train()  # Trainer patches Liger's fused-loss forward in here
     from kl_nontarget.models.introspection import patched_forward
 
     assert patched_forward(model) is not None
@@ -265,8 +265,8 @@ def test_hook_logs_components_like_the_trainer(model_dirs, tmp_path):
             trainer = NonTargetKLTrainer(model=model, args=args, train_dataset=DATA, eval_dataset=DATA[:4])
         else:
             loss_func = nontarget_kl_loss_func(model)
-            trainer = Trainer(model=model, args=args, train_dataset=DATA, eval_dataset=DATA[:4],
-                              compute_loss_func=loss_func)
+            trainer = loss_func.bind(Trainer(model=model, args=args, train_dataset=DATA, eval_dataset=DATA[:4],
+                                             compute_loss_func=loss_func))
         trainer.train()
         metrics = trainer.evaluate()
         runs[kind] = ([h for h in trainer.state.log_history if "ce_loss" in h], metrics)

@@ -143,7 +143,7 @@ def test_hook_and_subclass_train_identically_in_sft(model_dirs, tmp_path):
     with pytest.warns(FutureWarning):  # TRL 1.16 deprecates compute_loss_func
         via_hook = SFTTrainer(model=plain, args=sft_args(tmp_path / "b", **common), train_dataset=prompt_completion(),
                               processing_class=tokenizer, peft_config=lora_config(), compute_loss_func=hook)
-    via_hook.train()
+    hook.bind(via_hook).train()
     assert hook._captured is None  # nothing kept between steps
     assert_same_state(trainable_state(sub.model), trainable_state(via_hook.model), atol=1e-5)
     sub_losses = [log["loss"] for log in sub.state.log_history if "loss" in log]
@@ -186,11 +186,61 @@ def test_hook_with_transformers_trainer_matches_subclass(model_dirs, tmp_path):
     hook = nontarget_kl_loss_func(hook_model, kl_weight=1.5)
     trainer = Trainer(model=hook_model, args=TrainingArguments(str(tmp_path / "b"), **args), train_dataset=data,
                       compute_loss_func=hook)
-    trainer.train()
+    hook.bind(trainer).train()
     named = trainer.evaluate(data[:4], metric_key_prefix="heldout")  # the hook's components follow the prefix
     assert named["heldout_nontarget_kl"] > 0 and "eval_nontarget_kl" not in named
     hook.remove()
     assert_same_state(trainable_state(sub_model), trainable_state(hook_model), atol=1e-6)
+
+
+def test_hook_logs_through_the_trainer_it_is_bound_to(model_dirs, tmp_path):
+    # Two trainers in one process, each with its own hook: each logs exactly what its own loss computed, as the
+    # subclass logs it, whatever code calls the hook.
+    data = toy_token_batches(8, seed=4)
+    args = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=0.5, optim="sgd", logging_steps=1,
+                lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True)
+    reference = NonTargetKLTrainer(model=peft_model(model_dirs), args=TrainingArguments(str(tmp_path / "r"), **args),
+                                   train_dataset=data, kl_weight=1.5)
+    reference.train()
+    models = {name: peft_model(model_dirs) for name in "ab"}
+    hooks = {name: nontarget_kl_loss_func(models[name], kl_weight=w) for name, w in (("a", 1.5), ("b", 0.0))}
+    trainers = {name: Trainer(model=models[name], args=TrainingArguments(str(tmp_path / name), **args),
+                              train_dataset=data, compute_loss_func=hooks[name]) for name in "ab"}
+    with pytest.raises(ValueError, match="compute_loss_func is not this loss function"):
+        hooks["a"].bind(trainers["b"])
+    assert hooks["a"].bind(trainers["a"]) is trainers["a"] and hooks["b"].bind(trainers["b"]) is trainers["b"]
+
+    def called_from_a_method_of(self, hook):  # `self` is the other trainer, as in one of its callbacks
+        with torch.no_grad():
+            outputs = models["a"](**{k: v for k, v in collate(data[:2]).items() if k != "labels"})
+        return hook(outputs, collate(data[:2])["labels"])
+
+    models["a"].eval()
+    called_from_a_method_of(trainers["b"], hooks["a"])
+    assert hooks["a"].trainer is trainers["a"] and hooks["b"].trainer is trainers["b"]
+    assert hooks["a"].component_log.sums("eval")["weight"] == 2 and hooks["b"].component_log.sums("eval")["weight"] == 0
+    trainers["b"].train()
+    trainers["a"].train()
+    logged = {name: [h["nontarget_kl"] for h in trainer.state.log_history if "nontarget_kl" in h]
+              for name, trainer in trainers.items()}
+    expected = [h["nontarget_kl"] for h in reference.state.log_history if "nontarget_kl" in h]
+    assert logged["a"] == pytest.approx(expected, rel=1e-5) and logged["a"][-1] > 0
+    assert len(logged["b"]) == 2 and logged["b"][-1] > 0 and logged["b"][-1] != pytest.approx(logged["a"][-1])
+    for hook in hooks.values():
+        hook.remove()
+    assert hooks["a"].trainer is None and "log" not in trainers["a"].__dict__  # the wrapping is undone
+
+
+def test_unbound_hook_trains_and_warns_once(model_dirs, tmp_path):
+    model = peft_model(model_dirs)
+    hook = nontarget_kl_loss_func(model)
+    trainer = Trainer(model=model, args=sgd_args(tmp_path, max_steps=2, logging_steps=1),
+                      train_dataset=toy_token_batches(8, seed=4), compute_loss_func=hook)
+    with pytest.warns(UserWarning, match="not bound to a Trainer") as record:
+        trainer.train()
+    assert sum("not bound" in str(w.message) for w in record) == 1
+    assert all("nontarget_kl" not in h for h in trainer.state.log_history)
+    hook.remove()
 
 
 def test_hook_with_ref_model_under_bf16_matches_subclass(model_dirs, tmp_path):
@@ -205,7 +255,7 @@ def test_hook_with_ref_model_under_bf16_matches_subclass(model_dirs, tmp_path):
     hook = nontarget_kl_loss_func(hook_model, ref_model=load_model(model_dirs))
     via_hook = Trainer(model=hook_model, args=TrainingArguments(str(tmp_path / "b"), **args), train_dataset=data,
                        compute_loss_func=hook)
-    via_hook.train()
+    hook.bind(via_hook).train()
     hook.remove()
     assert sub.state.log_history[0]["nontarget_kl"] == 0.0
     assert via_hook.state.log_history[0]["loss"] == sub.state.log_history[0]["ce_loss"]  # KL exactly 0 at first

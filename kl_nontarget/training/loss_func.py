@@ -9,7 +9,6 @@ This module does not import TRL.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 
 import torch
@@ -75,7 +74,8 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
         self.ref_model = ref_model
         self.ref_adapter_name = ref_adapter_name
         self.component_log = ComponentLog()
-        self._trainer = None  # the Trainer calling this loss, once seen (its log and evaluation_loop are wrapped)
+        self._trainer = None  # the Trainer bound with `bind` (its log and evaluation_loop are wrapped)
+        self._unbound_warned = False
         self._checked = False
         adapters = has_adapters(self.model)
         if ref_model is not None or ref_adapter_name is not None or adapters:
@@ -149,7 +149,10 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
                                "the same model (or its PEFT wrapper) to the trainer")
         if not self._checked:
             self._check()
-        self._attach(_calling_trainer())
+        if self._trainer is None and captured["training"] and not self._unbound_warned:
+            self._unbound_warned = True
+            warnings.warn("nontarget_kl_loss_func is not bound to a Trainer, so ce_loss and nontarget_kl are not "
+                          "logged: call loss_func.bind(trainer) once the trainer exists", UserWarning, stacklevel=2)
         install_exit_handler()  # multi-process gloo runs: a clean exit (see kl_nontarget/training/clean_exit.py)
         inputs = dict(captured["kwargs"])
         if labels is not None:
@@ -191,25 +194,26 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
         # No `average_tokens_across_devices` scaling here: the Trainer applies it to compute_loss_func's loss.
         return loss
 
-    # -- logging through the calling Trainer ---------------------------------------------------------------------
+    # -- logging through the bound Trainer -----------------------------------------------------------------------
 
-    def _record(self, ce, kl, num_items_in_batch, inputs):
-        trainer = self._trainer
-        mode = "train" if self.model.training else "eval"
-        if mode == "train":
-            # Scaled like the loss the Trainer logs (it multiplies compute_loss_func's loss by the process count).
-            weight = 1.0
-            if trainer is not None and trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
-                weight = float(trainer.accelerator.num_processes)
-        else:
-            weight = float(inputs["labels"].shape[0]) if "labels" in inputs else 1.0
-        step = trainer.state.global_step if trainer is not None else 0
-        self.component_log.add(mode, ce, kl, weight, step)
+    @property
+    def trainer(self):
+        """The Trainer this loss function logs through (`bind`), or None."""
+        return self._trainer
 
-    def _attach(self, trainer):
-        """Log `ce_loss`/`nontarget_kl` (and `eval_*`) through `trainer`: wrap its `log` and `evaluation_loop`."""
-        if trainer is None or trainer is self._trainer:
-            return
+    def bind(self, trainer):
+        """Log `ce_loss` / `nontarget_kl` (and `eval_ce_loss` / `eval_nontarget_kl`) through `trainer`, the Trainer
+        created with `compute_loss_func=` this loss function; returns `trainer`.
+
+        Its `log` and `evaluation_loop` are wrapped (undone by `.remove()`, or by binding another trainer). The
+        binding is explicit, so a loss function never logs through another Trainer of the same process. ValueError
+        when `trainer.compute_loss_func` is not this loss function.
+        """
+        if getattr(trainer, "compute_loss_func", None) is not self:
+            raise ValueError(f"bind(trainer): this {type(trainer).__name__}'s compute_loss_func is not this loss "
+                             "function; create the trainer with compute_loss_func=loss_func, then bind it")
+        if trainer is self._trainer:
+            return trainer
         self._detach()
         self._trainer = trainer
         gather = accelerator_gather(trainer.accelerator, trainer.args.device)
@@ -230,6 +234,20 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
 
         trainer.log = log_with_components
         trainer.evaluation_loop = evaluation_loop_with_components
+        return trainer
+
+    def _record(self, ce, kl, num_items_in_batch, inputs):
+        trainer = self._trainer
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            # Scaled like the loss the Trainer logs (it multiplies compute_loss_func's loss by the process count).
+            weight = 1.0
+            if trainer is not None and trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+                weight = float(trainer.accelerator.num_processes)
+        else:
+            weight = float(inputs["labels"].shape[0]) if "labels" in inputs else 1.0
+        step = trainer.state.global_step if trainer is not None else 0
+        self.component_log.add(mode, ce, kl, weight, step)
 
     def _detach(self):
         trainer, self._trainer = self._trainer, None
@@ -250,27 +268,6 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
         return (f"NonTargetKLLossFunc(kl_weight={self.kl_weight}, temperature={self.temperature}, "
                 f"kl_direction={self.kl_direction!r}, ref_model={'set' if self.ref_model is not None else None}, "
                 f"fused_linear={self.fused_linear!r})")
-
-
-def _calling_trainer():
-    """The `transformers.Trainer` whose `compute_loss` called this loss function, or None.
-
-    `Trainer.compute_loss` (and TRL's override) call `compute_loss_func(outputs, labels, ...)` directly, so the
-    trainer is `self` two or three frames up; the loss then logs its components through it.
-    """
-    try:
-        from transformers import Trainer
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    frame = sys._getframe(2)
-    for _ in range(3):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
-        frame = frame.f_back
-    return None
 
 
 def _input_embeddings(model):
@@ -304,10 +301,10 @@ def nontarget_kl_loss_func(model: nn.Module, *, kl_weight: float = 1.0, temperat
         ref_adapter_name, ref_model_init_kwargs: as for `kl_nontarget.NonTargetKLTrainer` (a `ref_model` given by
             name is loaded at once and moved to the model's device).
 
-    Logging: the first call finds the calling Trainer and wraps its `log` and `evaluation_loop` (undone by
-    `.remove()`), so `ce_loss` and `nontarget_kl` (and `eval_ce_loss`, `eval_nontarget_kl`) are logged as by the
-    trainers. MoE models returning `aux_loss` get `router_aux_loss_coef * aux_loss` added. A `torch.compile`d model
-    is refused.
+    Logging: `loss_func.bind(trainer)` wraps the trainer's `log` and `evaluation_loop` (undone by `.remove()`), so
+    `ce_loss` and `nontarget_kl` (and `eval_ce_loss`, `eval_nontarget_kl`) are logged as by the trainers; an unbound
+    loss function computes the same loss, logs no components and warns once. MoE models returning `aux_loss` get
+    `router_aux_loss_coef * aux_loss` added. A `torch.compile`d model is refused.
 
     Returns:
         A callable `(outputs, labels, num_items_in_batch=None) -> loss` with a `.remove()` method that detaches its
@@ -318,7 +315,7 @@ def nontarget_kl_loss_func(model: nn.Module, *, kl_weight: float = 1.0, temperat
     Example:
         >>> loss_func = nontarget_kl_loss_func(peft_model, kl_weight=1.0)
         >>> trainer = trl.SFTTrainer(model=peft_model, args=args, train_dataset=ds, compute_loss_func=loss_func)
-        >>> trainer.train(); loss_func.remove()
+        >>> loss_func.bind(trainer).train(); loss_func.remove()
     """
     return NonTargetKLLossFunc(model, kl_weight=kl_weight, temperature=temperature, kl_direction=kl_direction,
                                ref_model=ref_model, fused_linear=fused_linear, kl_target=kl_target, options=options,
