@@ -13,7 +13,7 @@ from kl_nontarget.demo.corpus import Grammar, build_tokenizer
 from kl_nontarget.demo.tasks import TASKS, answer_map, build_task, split_pairs
 from kl_nontarget.sweep.runs import FullKLTrainer, choose_baseline
 
-RUN_KEYS = {"task", "seed", "method", "kl_weight", "target_loss", "target_accuracy", "forgetting", "lf",
+RUN_KEYS = {"task", "variant", "seed", "method", "kl_weight", "target_loss", "target_accuracy", "forgetting", "lf",
             "retention_ppl"}
 
 
@@ -138,6 +138,7 @@ def test_sweep_snapshot_equals_a_retrained_plain_lora_run(tmp_path):
     from kl_nontarget.demo.base import load_or_pretrain as _load
     from kl_nontarget.evaluation.loader import padded_loader
     from kl_nontarget.sweep.runs import ValidationCallback, finetune, lora_from_snapshot
+    from kl_nontarget.sweep.variants import AdapterSpec
 
     cfg = tiny_config()
     model, tok, grammar, _, _ = _load(cfg.base, 0, tmp_path, progress=False, log=lambda *a: None)
@@ -145,10 +146,11 @@ def test_sweep_snapshot_equals_a_retrained_plain_lora_run(tmp_path):
     pad = tok.pad_token_id
     kw = dict(kl_weight=0.0, lr=1e-2, seed=0, batch_size=4, progress=False)
     cb = ValidationCallback(padded_loader(data["val"], pad), every=2)
-    finetune(model, data["train"], pad, method="lora", steps=6, callbacks=[cb], **kw)
+    adapter = AdapterSpec()
+    finetune(model, data["train"], pad, adapter, method="lora", steps=6, callbacks=[cb], **kw)
     assert sorted(cb.snapshots) == [2, 4, 6]
-    again = finetune(model, data["train"], pad, method="lora", steps=4, **kw)
-    restored = lora_from_snapshot(model, cb.snapshots[4], seed=0)
+    again = finetune(model, data["train"], pad, adapter, method="lora", steps=4, **kw)
+    restored = lora_from_snapshot(model, cb.snapshots[4], seed=0, adapter=adapter)
     trained = dict(again.named_parameters())
     for name, p in restored.named_parameters():
         if "lora_" in name:

@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from kl_nontarget.evaluation.metrics import forgetting_metrics
 from kl_nontarget.evaluation.retention import batches, has_text, rows_from_data, sample_from_base
 from kl_nontarget.models.introspection import unwrap_model
+from kl_nontarget.models.reference import initial_reference
 
 
 class ForgettingCallback(TrainerCallback):
@@ -107,6 +108,9 @@ class ForgettingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         # Draw the sample before any update, so it comes from the base whatever the adapters are.
         if model is not None:
+            if self.base_model is None:
+                # PiSSA, OLoRA, ...: the base is the model as it starts (the trainers have snapshotted it already).
+                initial_reference(unwrap_model(model))
             self.retention_rows(unwrap_model(model), processing_class)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kwargs):

@@ -21,8 +21,9 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from kl_nontarget.models.base_pass import adapters_disabled
-from kl_nontarget.models.introspection import device_of, has_adapters
+from kl_nontarget.models.base_pass import adapter_activated, adapters_disabled
+from kl_nontarget.models.introspection import device_of, has_adapters, unwrap_model
+from kl_nontarget.models.reference import INITIAL_ADAPTER, base_rewriting_init
 
 __all__ = ["kl_decomposition", "token_statistics", "evaluate_lm", "forgetting_metrics", "base_model_context"]
 
@@ -95,7 +96,10 @@ def base_model_context(model, base_model=None):
     """Yields a callable that runs the base model: `base_model` itself, or `model` with its adapters disabled.
 
     The adapters are disabled as in training (`base_pass.adapters_disabled`): every requires_grad flag and train/eval
-    mode is restored afterwards, and merged adapters are refused.
+    mode is restored afterwards, and merged adapters are refused. When the active adapter's init rewrote the base
+    weights (PiSSA, OLoRA, ...), disabling it does not give the base: the snapshot of the initial adapter that the
+    trainers make (`reference.initial_reference`) is activated instead, and without one a ValueError asks for
+    `base_model=`.
     """
     if base_model is not None:
         yield base_model
@@ -103,7 +107,16 @@ def base_model_context(model, base_model=None):
     if not has_adapters(model):
         raise TypeError(f"{type(model).__name__} has no adapters to disable: pass the base model explicitly "
                         "(base_model=...) or a PEFT model")
-    with adapters_disabled(model):
+    init = base_rewriting_init(model)
+    if init is None:
+        with adapters_disabled(model):
+            yield model
+        return
+    if INITIAL_ADAPTER not in unwrap_model(model).peft_config:
+        raise ValueError(f"init_lora_weights={init!r} rewrote the base weights, so the model with its adapter "
+                         "disabled is not the base: pass base_model=<the original model>, or snapshot the initial "
+                         f"adapter first (kl_nontarget.models.reference.initial_reference(model), as the trainers do)")
+    with adapter_activated(model, INITIAL_ADAPTER):
         yield model
 
 

@@ -17,6 +17,7 @@ adapter is not at its identity initialisation and nothing else was chosen: the K
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import warnings
 
@@ -33,15 +34,61 @@ from kl_nontarget.models.introspection import (
     unwrap_model,
 )
 
-__all__ = ["TrainedAdapterWarning", "adapter_parameters", "check_base_source", "check_reference", "load_ref_model",
+__all__ = ["BASE_REWRITING_INITS", "INITIAL_ADAPTER", "TrainedAdapterWarning", "adapter_parameters",
+           "base_rewriting_init", "check_base_source", "check_reference", "initial_reference", "load_ref_model",
            "prepare_ref_model", "snapshot_adapter"]
+
+logger = logging.getLogger(__name__)
 
 
 class TrainedAdapterWarning(UserWarning):
     """The trainable adapter is not at its identity initialisation and the reference is the bare base model."""
 
 
-_BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+# LoRA initialisations that move part of the base weights into the adapter (PiSSA's principal components, OLoRA's QR
+# factor, LoftQ's quantization residual, CorDA, LoRA-GA): with the adapter disabled the model is not the original
+# base; with its initial adapter it is (LoftQ: up to its quantization error).
+BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+# The name of the automatic snapshot of such an adapter, the reference of the non-target KL (`initial_reference`).
+INITIAL_ADAPTER = "initial"
+
+
+def base_rewriting_init(model: nn.Module) -> str | None:
+    """The `init_lora_weights` of the PeftModel's active adapter when that init rewrote the base weights, else None."""
+    model = unwrap_model(model)
+    if not is_peft_model(model) or not isinstance(model.active_adapter, str):
+        return None
+    init = getattr(model.peft_config[model.active_adapter], "init_lora_weights", True)
+    return init if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS) else None
+
+
+def initial_reference(model: nn.Module, ref_model: nn.Module | None = None,
+                      ref_adapter_name: str | None = None) -> str | None:
+    """The reference adapter for `model`: `ref_adapter_name` when given; otherwise, when no `ref_model` is given
+    either and the active adapter's init rewrote the base weights (`base_rewriting_init`), a frozen snapshot of that
+    adapter as it is now, named `INITIAL_ADAPTER` (made once and logged; an existing one is reused); else None.
+
+    With PiSSA, OLoRA, CorDA or LoRA-GA the base weights hold a residual and the adapter the rest, so the model as it
+    starts (residual + initial adapter) is the original model, to float rounding, while the model with its adapter
+    disabled is not. With LoftQ the base holds quantized weights and the model as it starts approximates the original
+    to LoftQ's error: pass the original as `ref_model` to regularize towards it exactly.
+    """
+    if ref_adapter_name is not None or ref_model is not None:
+        return ref_adapter_name
+    init = base_rewriting_init(model)
+    if init is None:
+        return None
+    peft_model = unwrap_model(model)
+    if INITIAL_ADAPTER in peft_model.peft_config:
+        logger.warning("init_lora_weights=%r: the non-target KL's reference is the existing adapter %r (an earlier "
+                       "snapshot of the initial adapter)", init, INITIAL_ADAPTER)
+        return INITIAL_ADAPTER
+    snapshot_adapter(peft_model, INITIAL_ADAPTER)
+    logger.warning("init_lora_weights=%r rewrote the base weights, so the model with its adapter disabled is not the "
+                   "original base: the non-target KL's reference is the model as it starts, a frozen copy of the "
+                   "initial adapter named %r (kl_nontarget.snapshot_adapter). Pass ref_model= or ref_adapter_name= to "
+                   "choose another reference.", init, INITIAL_ADAPTER)
+    return INITIAL_ADAPTER
 
 
 def check_reference(model: nn.Module, ref_model: nn.Module | None = None) -> None:
@@ -90,7 +137,7 @@ def _warn_not_base(model: nn.Module) -> None:
             # modules_to_save needs no warning: PEFT trains a copy and the disabled model runs the original module
             # (tests/test_trainer.py checks that the disabled model then equals the base exactly).
             init = getattr(config, "init_lora_weights", True)
-            if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+            if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
                 reasons.append(f"adapter {name!r} uses init_lora_weights={init!r}, which rewrites the base weights")
     unfrozen = trainable_base_parameters(model)
     if unfrozen and not any("bias=" in r for r in reasons):
@@ -176,18 +223,21 @@ def check_ref_adapter(model: nn.Module, ref_adapter_name: str) -> None:
 
 
 def check_base_source(model: nn.Module, ref_model: nn.Module | None = None,
-                      ref_adapter_name: str | None = None) -> None:
-    """Validate the reference of `model`: `ref_model`, the adapter `ref_adapter_name`, or the disabled adapters.
+                      ref_adapter_name: str | None = None) -> str | None:
+    """Validate the reference of `model` (`ref_model`, the adapter `ref_adapter_name`, or the disabled adapters) and
+    return the reference adapter the base pass activates: `ref_adapter_name`, the automatic snapshot of an init that
+    rewrote the base weights (`initial_reference`), or None (the adapters are disabled, or `ref_model` runs).
 
     ValueError/TypeError as `check_reference` and `check_ref_adapter`, and for both `ref_model` and
     `ref_adapter_name`. Warns (`TrainedAdapterWarning`) when the reference is the bare base but the trainable adapter
     already changes the model (a LoRA with non-zero A and B, an IA3 vector other than ones).
     """
+    if ref_adapter_name is not None and ref_model is not None:
+        raise ValueError("pass either ref_model or ref_adapter_name, not both")
+    ref_adapter_name = initial_reference(model, ref_model, ref_adapter_name)
     if ref_adapter_name is not None:
-        if ref_model is not None:
-            raise ValueError("pass either ref_model or ref_adapter_name, not both")
         check_ref_adapter(model, ref_adapter_name)
-        return
+        return ref_adapter_name
     check_reference(model, ref_model)
     if ref_model is None:
         moved = trained_adapter_layers(model)
@@ -199,6 +249,7 @@ def check_base_source(model: nn.Module, ref_model: nn.Module | None = None,
                 "non-target KL is not zero at the first step. To keep the model as it is now as the reference, "
                 "snapshot the adapter before training: ref_adapter_name=kl_nontarget.snapshot_adapter(model).",
                 TrainedAdapterWarning, stacklevel=3)
+    return None
 
 
 def trained_adapter_layers(model: nn.Module) -> list[str]:
@@ -256,6 +307,11 @@ def snapshot_adapter(model: nn.Module, name: str = "reference") -> str:
     if getattr(config, "is_prompt_learning", False):
         raise ValueError("snapshot_adapter supports weight adapters (LoRA, ...), not prompt learning")
     config.inference_mode = True
+    # The copy's weights are overwritten below: create it with the plain identity init, never with one that rewrites
+    # the base weights again (PiSSA, OLoRA, LoftQ) or needs data (CorDA, EVA, LoRA-GA).
+    for field in ("init_lora_weights", "init_weights", "init_ia3_weights"):
+        if hasattr(config, field):
+            setattr(config, field, True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     model.add_adapter(name, config)
     state = get_peft_model_state_dict(model, adapter_name=active)

@@ -1,11 +1,13 @@
 """A learning-versus-forgetting sweep: plain LoRA and regularized runs over kl_weights and seeds, one shared loop.
 
 Both demos and `kl-nontarget sweep` go through `run_task`: for one task (token rows with -100 on unsupervised
-positions, split into train / val / test), it picks the learning rate and step count best for plain LoRA on the
-validation split, keeps them for every method, trains every (method, kl_weight) of `plan` for every seed from the
-same LoRA initialisation and data order, and evaluates target loss on the test split and forgetting on a retention
-set. `write_results` writes results.json (one row per run: task, seed, method, kl_weight, target_loss,
-target_accuracy, forgetting = Lf - H(base), lf, retention_ppl, plus any extra keys), frontier.png and the table.
+positions, split into train / val / test) and each PEFT variant (`cfg.peft_variants`, default LoRA only), it picks
+the learning rate and step count best for the plain (unregularized) variant on the validation split, keeps them for
+that variant's regularized runs, trains every (method, kl_weight) of `plan` for every seed from the same adapter
+initialisation and data order, and evaluates target loss on the test split and forgetting on a retention set against
+the original base model. `write_results` writes results.json (one row per run: task, variant, seed, method,
+kl_weight, target_loss, target_accuracy, forgetting = Lf - H(base), lf, retention_ppl, plus any extra keys),
+frontier.png and the table.
 
 `cfg` is any object with the fields of `SweepConfig` (the demos' configs have them too).
 """
@@ -32,6 +34,7 @@ from kl_nontarget.sweep.runs import (
     finetune,
     lora_from_snapshot,
 )
+from kl_nontarget.sweep.variants import VARIANTS, AdapterSpec
 
 
 @dataclass
@@ -40,8 +43,10 @@ class SweepConfig:
 
     `methods`: the regularized methods besides plain LoRA ("nontarget_kl", "full_kl"), each at every kl_weight.
     `lr_grid` / `eval_every` / `max_steps`: with more than one learning rate, or validation more often than
-    `max_steps`, a plain-LoRA sweep on the validation split picks (lr, steps) for every method; otherwise
-    `lr_grid[0]` and `max_steps` are used as they are.
+    `max_steps`, a plain-run sweep on the validation split picks (lr, steps) for every method; otherwise
+    `lr_grid[0]` and `max_steps` are used as they are. `peft_variants`: the adapters to compare
+    (`kl_nontarget.sweep.variants.VARIANTS`), each with its own (lr, steps), chosen on its own plain runs from the
+    grid times the variant's `lr_factor`.
     """
 
     seeds: int = 1
@@ -51,6 +56,7 @@ class SweepConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list | None = None
+    peft_variants: tuple = ("lora",)
     lr_grid: tuple = (1e-4,)
     max_steps: int = 100
     eval_every: int = 100
@@ -123,61 +129,101 @@ def write_results(runs, base, cfg, out_dir, start, log=print, extra_report=None)
     return results
 
 
+def adapters(cfg) -> list[AdapterSpec]:
+    """The adapters of a sweep: one `AdapterSpec` per variant of `cfg.peft_variants` (default: LoRA)."""
+    return [AdapterSpec(variant, cfg.lora_r, cfg.lora_alpha, getattr(cfg, "lora_targets", None))
+            for variant in getattr(cfg, "peft_variants", ("lora",))]
+
+
 def run_task(model, pad, task, data, cfg, heldout_loader, out_dir, base_path, *, progress=True, log=print,
              extra_metrics=None):
-    """All runs of one task (every seed and method); returns (the task's base record, the run rows).
+    """All runs of one task (every variant, seed and method); returns (the task's base record, the run rows).
 
-    `data` holds the encoded "train" / "val" / "test" rows. The learning rate and step count are those best for
-    plain LoRA on the validation split (seed 0), kept for every method: with several learning rates in
-    `cfg.lr_grid`, or validation more often than `cfg.max_steps`, a plain-LoRA sweep picks them (`choose_baseline`)
-    and its weights at the chosen step are reused as the seed-0 plain-LoRA run. Every adapter is saved under
-    out_dir/adapters/. `extra_metrics(peft_model) -> dict` adds keys to each run row (the real-model probes).
+    `data` holds the encoded "train" / "val" / "test" rows. Per variant, the learning rate and step count are those
+    best for its plain runs on the validation split (seed 0), kept for every method: with several learning rates in
+    `cfg.lr_grid`, or validation more often than `cfg.max_steps`, a plain sweep picks them (`choose_baseline`) and its
+    weights at the chosen step are reused as the seed-0 plain run. Every adapter is saved under out_dir/adapters/.
+    `extra_metrics(peft_model) -> dict` adds keys to each run row (the real-model probes).
     """
-    test_loader, val_loader = padded_loader(data["test"], pad), padded_loader(data["val"], pad)
-    target = evaluate_lm(model, test_loader, progress=False)
-    info = {"target_loss": target["loss"], "target_accuracy": target["sequence_accuracy"]}
-    snapshot = None  # the seed-0 plain-LoRA weights at the chosen (lr, steps), taken from the sweep
-    if len(cfg.lr_grid) > 1 or cfg.eval_every < cfg.max_steps:
+    runner = _TaskRuns(model, pad, task, data, cfg, heldout_loader, Path(out_dir), base_path, progress, log,
+                       extra_metrics)
+    target = evaluate_lm(model, runner.test_loader, progress=False)
+    info = {"target_loss": target["loss"], "target_accuracy": target["sequence_accuracy"], "variants": {}}
+    log(f"{task}: base target loss {info['target_loss']:.3f}")
+    runs = []
+    for adapter in adapters(cfg):
+        chosen = runner.choose(adapter)
+        info["variants"][adapter.variant] = {k: v for k, v in chosen.items() if k != "snapshot"}
+        log(f"{task} / {adapter.variant}: lr={chosen['lr']:g}, steps={chosen['steps']}"
+            + (f" (validation loss {chosen['val_loss']:.4f})" if chosen["val_loss"] is not None else ""))
+        for seed in range(cfg.seeds):
+            runs += [runner.run(adapter, chosen, method, weight, seed) for method, weight in plan(cfg)]
+    if len(info["variants"]) == 1:  # one variant: its choice also at the top, as before variants existed
+        info.update(next(iter(info["variants"].values())))
+    return info, runs
+
+
+@dataclass
+class _TaskRuns:
+    """What every run of one task shares: the base model, the data and loaders, the output and the reporting."""
+
+    model: object
+    pad: int
+    task: str
+    data: dict
+    cfg: object
+    heldout_loader: object
+    out_dir: Path
+    base_path: object
+    progress: bool
+    log: object
+    extra_metrics: object
+
+    def __post_init__(self):
+        self.test_loader = padded_loader(self.data["test"], self.pad)
+        self.val_loader = padded_loader(self.data["val"], self.pad)
+
+    def train(self, adapter, method, weight, lr, steps, seed, callbacks=(), desc=""):
+        cfg = self.cfg
+        return finetune(self.model, self.data["train"], self.pad, adapter, method=method, kl_weight=weight, lr=lr,
+                        steps=steps, seed=seed, batch_size=cfg.batch_size, callbacks=callbacks, desc=desc,
+                        progress=self.progress, precompute_base=getattr(cfg, "precompute_base", False),
+                        base_cache_dir=getattr(cfg, "base_cache_dir", None))
+
+    def choose(self, adapter) -> dict:
+        """{lr, steps, val_loss, sweep, snapshot}: the plain run's best (lr, steps) for `adapter` on validation."""
+        cfg = self.cfg
+        grid = [lr * VARIANTS[adapter.variant].lr_factor for lr in cfg.lr_grid]
+        if len(grid) == 1 and cfg.eval_every >= cfg.max_steps:
+            return {"lr": grid[0], "steps": cfg.max_steps, "val_loss": None, "snapshot": None}
         history, snapshots = {}, {}
-        for lr in cfg.lr_grid:
-            cb = ValidationCallback(val_loader, cfg.eval_every)
-            finetune(model, data["train"], pad, method="lora", kl_weight=0.0, lr=lr, steps=cfg.max_steps,
-                     seed=0, batch_size=cfg.batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                     lora_targets=getattr(cfg, "lora_targets", None), callbacks=[cb],
-                     desc=f"{task}: sweep lora lr={lr:g}", progress=progress)
+        for lr in grid:
+            cb = ValidationCallback(self.val_loader, cfg.eval_every)
+            self.train(adapter, "lora", 0.0, lr, cfg.max_steps, 0, callbacks=[cb],
+                       desc=f"{self.task}: sweep {adapter.variant} lr={lr:g}")
             history[lr], snapshots[lr] = cb.history, cb.snapshots
         lr, steps, val_loss = choose_baseline(history, cfg.steps_tolerance)
-        snapshot = snapshots[lr][steps]
-        info["sweep"] = {str(k): v for k, v in history.items()}
-    else:
-        lr, steps, val_loss = cfg.lr_grid[0], cfg.max_steps, None
-    info.update(lr=lr, steps=steps, val_loss=val_loss)
-    log(f"{task}: base target loss {info['target_loss']:.3f}; plain-LoRA baseline lr={lr:g}, steps={steps}"
-        + (f" (validation loss {val_loss:.4f})" if val_loss is not None else ""))
-    runs = []
-    for seed in range(cfg.seeds):
-        for method, weight in plan(cfg):
-            tag = f"{task}-{method}-{weight:g}-seed{seed}"
-            if method == "lora" and seed == 0 and snapshot is not None:
-                peft_model = lora_from_snapshot(model, snapshot, seed, cfg.lora_r, cfg.lora_alpha,
-                                                getattr(cfg, "lora_targets", None))
-            else:
-                peft_model = finetune(model, data["train"], pad, method=method, kl_weight=weight, lr=lr,
-                                      steps=steps, seed=seed, batch_size=cfg.batch_size, lora_r=cfg.lora_r,
-                                      lora_alpha=cfg.lora_alpha, lora_targets=getattr(cfg, "lora_targets", None),
-                                      desc=f"{task} seed {seed}: {method} λ={weight:g}", progress=progress,
-                                      precompute_base=getattr(cfg, "precompute_base", False),
-                                      base_cache_dir=getattr(cfg, "base_cache_dir", None))
-            metrics = evaluate_run(peft_model, test_loader, heldout_loader)
-            peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
-            peft_model.save_pretrained(Path(out_dir) / "adapters" / tag)
-            row = {"task": task, "seed": seed, "method": method, "kl_weight": weight,
-                   "target_loss": metrics["target_loss"], "target_accuracy": metrics["target_accuracy"],
-                   "forgetting": metrics["forgetting"], "lf": metrics["lf"], "retention_ppl": metrics["retention_ppl"]}
-            if extra_metrics is not None:
-                row.update(extra_metrics(peft_model))
-            runs.append(row)
-            log(f"  {tag}: target loss {row['target_loss']:.4f}, accuracy {row['target_accuracy']:.3f}, "
-                f"Lf-H {row['forgetting']:.4f}, retention ppl {row['retention_ppl']:.3f}")
-            del peft_model
-    return info, runs
+        return {"lr": lr, "steps": steps, "val_loss": val_loss, "sweep": {str(k): v for k, v in history.items()},
+                "snapshot": snapshots[lr][steps]}
+
+    def run(self, adapter, chosen, method, weight, seed) -> dict:
+        """One run, evaluated (forgetting against the original base) and saved: its results.json row."""
+        variant = adapter.variant
+        tag = "-".join([self.task] + ([variant] if variant != "lora" else []) + [method, f"{weight:g}", f"seed{seed}"])
+        if method == "lora" and seed == 0 and chosen["snapshot"] is not None:
+            peft_model = lora_from_snapshot(self.model, chosen["snapshot"], seed, adapter)
+        else:
+            peft_model = self.train(adapter, method, weight, chosen["lr"], chosen["steps"], seed,
+                                    desc=f"{self.task} {variant} seed {seed}: {method} λ={weight:g}")
+        metrics = evaluate_run(peft_model, self.test_loader, self.heldout_loader, base_model=self.model)
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = str(self.base_path)
+        peft_model.save_pretrained(self.out_dir / "adapters" / tag)
+        row = {"task": self.task, "variant": variant, "seed": seed, "method": method, "kl_weight": weight,
+               "target_loss": metrics["target_loss"], "target_accuracy": metrics["target_accuracy"],
+               "forgetting": metrics["forgetting"], "lf": metrics["lf"], "retention_ppl": metrics["retention_ppl"]}
+        if self.extra_metrics is not None:
+            row.update(self.extra_metrics(peft_model))
+        self.log(f"  {tag}: target loss {row['target_loss']:.4f}, accuracy {row['target_accuracy']:.3f}, "
+                 f"Lf-H {row['forgetting']:.4f}, retention ppl {row['retention_ppl']:.3f}")
+        return row

@@ -1,8 +1,9 @@
-"""frontier.png: target loss against forgetting, one curve per method, one panel per task, the base marked."""
+"""frontier.png: target loss against forgetting, one curve per method, one panel per task (and per PEFT variant: tasks
+in rows, variants in columns), the base marked."""
 
 from __future__ import annotations
 
-from kl_nontarget.sweep.report import aggregate
+from kl_nontarget.sweep.report import aggregate, panel_info, panel_of, panels
 
 COLORS = {"lora": "black", "nontarget_kl": "tab:blue", "full_kl": "tab:orange"}
 LABELS = {"lora": "plain LoRA", "nontarget_kl": "+ non-target KL", "full_kl": "+ full-vocabulary KL"}
@@ -16,13 +17,17 @@ def plot_frontier(results, path):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    base = results["base"]
     agg = aggregate(results)
-    tasks = list(dict.fromkeys(r["task"] for r in results["runs"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    rows = {}  # task -> its panels (one per variant)
+    for name in panels(results):
+        rows.setdefault(name.partition(" / ")[0], []).append(name)
+    columns = max(len(names) for names in rows.values())
+    fig, axes = plt.subplots(len(rows), columns, figsize=(6.2 * columns, 4.8 * len(rows)), squeeze=False)
+    for ax in (axes[i][j] for i, names in enumerate(rows.values()) for j in range(len(names), columns)):
+        ax.axis("off")
+    for ax, task in ((axes[i][j], name) for i, names in enumerate(rows.values()) for j, name in enumerate(names)):
         for r in results["runs"]:  # every seed, faint
-            if r["task"] == task:
+            if panel_of(results, r) == task:
                 ax.scatter(r["forgetting"], r["target_loss"], s=10, alpha=0.25, color=COLORS[r["method"]],
                            linewidths=0)
         lora = agg.get((task, "lora", 0.0))
@@ -38,8 +43,8 @@ def plot_frontier(results, path):
                             xytext=(4, 3), fontsize=7, color=COLORS[method])
         if lora is not None:
             ax.plot([lora["forgetting"]], [lora["target_loss"]], "*", color="black", ms=13, label=LABELS["lora"])
-        t = base["tasks"].get(task)
-        if t:
+        t = panel_info(results, task)
+        if "target_loss" in t:
             ax.plot([0.0], [t["target_loss"]], "s", color="gray", ms=8, label="base model (no fine-tuning)")
         low, high = ax.get_ylim()
         if high > 8 * low:  # the base's target loss is far above the fine-tuned ones: log scale, 1-2-5 ticks
@@ -49,7 +54,7 @@ def plot_frontier(results, path):
             ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("forgetting: Lf − H(base) = KL(base ‖ fine-tuned), held-out base text")
         ax.set_ylabel("target loss, held-out task examples (nats/token)")
-        ax.set_title(f"task '{task}'" + (f"  (lr {t['lr']:g}, {t['steps']} steps)" if t else ""))
+        ax.set_title(f"task '{task}'" + (f"  (lr {t['lr']:g}, {t['steps']} steps)" if "lr" in t else ""))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     seeds = max((m["n"] for m in agg.values()), default=0)

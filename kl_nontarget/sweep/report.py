@@ -1,15 +1,41 @@
-"""The terminal table and the matched-target-loss comparison, from a results dict."""
+"""The terminal table and the matched-target-loss comparison, from a results dict.
+
+Rows are grouped by panel: the task, or "task / variant" when the results compare PEFT variants (`panels`).
+"""
 
 from __future__ import annotations
 
 import statistics
 
 
+def _variants(results) -> list[str]:
+    return list(dict.fromkeys(r.get("variant", "lora") for r in results["runs"]))
+
+
+def panel_of(results, row) -> str:
+    """The panel of a run row: its task, followed by its variant when the results hold several variants."""
+    return row["task"] if len(_variants(results)) == 1 else f"{row['task']} / {row.get('variant', 'lora')}"
+
+
+def panels(results) -> list[str]:
+    """The panels of the results, in run order."""
+    return list(dict.fromkeys(panel_of(results, r) for r in results["runs"]))
+
+
+def panel_info(results, panel: str) -> dict:
+    """The base record's task info for a panel (the base's target loss, and the variant's chosen lr and steps)."""
+    task, _, variant = panel.partition(" / ")
+    info = dict(results["base"]["tasks"].get(task, {}))
+    if variant:
+        info.update(info.get("variants", {}).get(variant, {}))
+    return info
+
+
 def aggregate(results):
-    """{(task, method, kl_weight): mean metrics over seeds (+ "n")}; `forgetting` is Lf - H(base), `lf` is Lf."""
+    """{(panel, method, kl_weight): mean metrics over seeds (+ "n")}; `forgetting` is Lf - H(base), `lf` is Lf."""
     groups = {}
     for r in results["runs"]:
-        groups.setdefault((r["task"], r["method"], r["kl_weight"]), []).append(r)
+        groups.setdefault((panel_of(results, r), r["method"], r["kl_weight"]), []).append(r)
     out = {}
     for key, rs in groups.items():
         mean = {k: statistics.fmean(r[k] for r in rs)
@@ -20,13 +46,13 @@ def aggregate(results):
 
 
 def matched(results, tolerance=None):
-    """Per task and regularized method: the least forgetting among kl_weights whose mean target loss is within
-    `tolerance` (absolute) of plain LoRA's, with its ratio to LoRA's forgetting (Lf - H). None where no weight
-    matches."""
+    """Per panel and regularized method: the least forgetting among kl_weights whose mean target loss is within
+    `tolerance` (absolute) of the panel's plain run, with its ratio to that run's forgetting (Lf - H). None where no
+    weight matches."""
     tol = results["config"].get("match_tolerance", 0.05) if tolerance is None else tolerance
     agg = aggregate(results)
     out = {}
-    for task in dict.fromkeys(r["task"] for r in results["runs"]):
+    for task in panels(results):
         lora = agg.get((task, "lora", 0.0))
         if lora is None:
             continue
@@ -51,26 +77,28 @@ def format_table(results):
              f"nats/token, perplexity {base['retention_ppl']:.2f}",
              f"mean over {seeds} seed(s); Lf = cross-entropy of fine-tuned vs base predictions on held-out base "
              "text, forgetting = Lf-H = KL(base || fine-tuned) (0 = no drift)"]
-    header = (f"{'task':8} {'method':13} {'λ':>5} {'target loss':>11} {'accuracy':>8} {'Lf':>7} {'Lf-H':>7} "
+    width = max([8] + [len(p) for p in panels(results)])
+    header = (f"{'task':{width}} {'method':13} {'λ':>5} {'target loss':>11} {'accuracy':>8} {'Lf':>7} {'Lf-H':>7} "
               f"{'ret. ppl':>8}")
-    for task in dict.fromkeys(r["task"] for r in results["runs"]):
-        t = base["tasks"].get(task, {})
+    for task in panels(results):
+        t = panel_info(results, task)
         lines += ["", header, "-" * len(header),
-                  f"{task:8} {'base':13} {'':>5} {t.get('target_loss', float('nan')):11.4f} "
+                  f"{task:{width}} {'base':13} {'':>5} {t.get('target_loss', float('nan')):11.4f} "
                   f"{t.get('target_accuracy', float('nan')):8.3f} {base['lf']:7.4f} {base['forgetting']:7.4f} "
                   f"{base['retention_ppl']:8.3f}"]
         for (tk, method, w), m in agg.items():
             if tk != task:
                 continue
-            lines.append(f"{task:8} {method:13} {w:5g} {m['target_loss']:11.4f} {m['target_accuracy']:8.3f} "
+            lines.append(f"{task:{width}} {method:13} {w:5g} {m['target_loss']:11.4f} {m['target_accuracy']:8.3f} "
                          f"{m['lf']:7.4f} {m['forgetting']:7.4f} {m['retention_ppl']:8.3f}")
     tol = results["config"].get("match_tolerance", 0.05)
-    lines += ["", f"least forgetting at matched target loss (mean target loss <= plain LoRA's + {tol:g} nats):"]
+    plain = "plain LoRA's" if len(_variants(results)) == 1 else "the panel's plain run's"
+    lines += ["", f"least forgetting at matched target loss (mean target loss <= {plain} + {tol:g} nats):"]
     for (task, method), m in matched(results).items():
         if m is None:
-            lines.append(f"  {task:8} {method:13} no kl_weight reaches plain LoRA's target loss")
+            lines.append(f"  {task:{width}} {method:13} no kl_weight reaches {plain} target loss")
         else:
-            lines.append(f"  {task:8} {method:13} λ={m['kl_weight']:g}: target loss {m['target_loss']:.4f} "
-                         f"(LoRA {m['lora_target_loss']:.4f}), Lf-H {m['forgetting']:.4f} "
-                         f"= {m['ratio']:.2f}x plain LoRA's {m['lora_forgetting']:.4f}")
+            lines.append(f"  {task:{width}} {method:13} λ={m['kl_weight']:g}: target loss {m['target_loss']:.4f} "
+                         f"(plain {m['lora_target_loss']:.4f}), Lf-H {m['forgetting']:.4f} "
+                         f"= {m['ratio']:.2f}x {plain} {m['lora_forgetting']:.4f}")
     return "\n".join(lines)

@@ -6,13 +6,13 @@ Methods:
 - `full_kl`: `FullKLTrainer`, a `NonTargetKLTrainer` subclass whose regularizer is the full-vocabulary
   KL(base || adapted), the baseline the non-target KL is compared with.
 
-Every run at a given seed starts from the same LoRA initialisation (torch is seeded right before `get_peft_model`)
-and sees the batches in the same order (the Trainer's `seed` / `data_seed`).
+Every run at a given seed starts from the same adapter initialisation (torch is seeded right before `get_peft_model`)
+and sees the batches in the same order (the Trainer's `seed` / `data_seed`). The adapter is an
+`kl_nontarget.sweep.variants.AdapterSpec`: LoRA by default, or DoRA, PiSSA, VeRA, ... (`VARIANTS`).
 """
 
 from __future__ import annotations
 
-import copy
 import tempfile
 
 import torch
@@ -22,10 +22,10 @@ from transformers import TrainerCallback
 from kl_nontarget.evaluation.loader import PadCollator, RowsDataset
 from kl_nontarget.evaluation.metrics import evaluate_lm, forgetting_metrics
 from kl_nontarget.sweep.progress import TqdmCallback, quiet_trainer
+from kl_nontarget.sweep.variants import AdapterSpec
 from kl_nontarget.training.trainer import NonTargetKLTrainer
 
 METHODS = ("lora", "nontarget_kl", "full_kl")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class FullKLTrainer(NonTargetKLTrainer):
@@ -63,13 +63,13 @@ class ValidationCallback(TrainerCallback):
                                                  if p.requires_grad}
 
 
-def lora_from_snapshot(base_model, snapshot, seed, r=8, alpha=16, target_modules=None):
-    """A fresh LoRA model (same init as `finetune`) holding the adapter weights of a sweep snapshot."""
-    model = make_lora_model(base_model, seed, r, alpha, target_modules)
+def lora_from_snapshot(base_model, snapshot, seed, adapter: AdapterSpec):
+    """A fresh adapter model (same init as `finetune`) holding the adapter weights of a sweep snapshot."""
+    model = adapter.model(base_model, seed)
     params = dict(model.named_parameters())
     missing = set(snapshot) - set(params)
     if missing:
-        raise KeyError(f"snapshot parameters not in the LoRA model: {sorted(missing)[:3]}")
+        raise KeyError(f"snapshot parameters not in the adapter model: {sorted(missing)[:3]}")
     with torch.no_grad():
         for name, value in snapshot.items():
             params[name].copy_(value)
@@ -77,20 +77,9 @@ def lora_from_snapshot(base_model, snapshot, seed, r=8, alpha=16, target_modules
     return model
 
 
-def make_lora_model(base_model, seed, r=8, alpha=16, target_modules=None):
-    """A LoRA copy of `base_model`, initialised from `seed` (the same init for every run of a seed)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules or LORA_TARGETS,
-                        task_type="CAUSAL_LM")
-    return get_peft_model(copy.deepcopy(base_model), config)
-
-
-def finetune(base_model, train_rows, pad_id, *, method, kl_weight, lr, steps, seed, batch_size, lora_r=8,
-             lora_alpha=16, lora_targets=None, callbacks=(), desc="run", progress=True, precompute_base=False,
-             base_cache_dir=None):
-    """Trains a fresh LoRA adapter on `train_rows` and returns the PEFT model.
+def finetune(base_model, train_rows, pad_id, adapter: AdapterSpec, *, method, kl_weight, lr, steps, seed, batch_size,
+             callbacks=(), desc="run", progress=True, precompute_base=False, base_cache_dir=None):
+    """Trains a fresh `adapter` on `train_rows` and returns the PEFT model.
 
     `precompute_base`, `base_cache_dir`: the non-target KL runs' base hidden-state cache (`NonTargetKLTrainer`), so
     the runs of a sweep on one base model and data share one base pass.
@@ -99,14 +88,15 @@ def finetune(base_model, train_rows, pad_id, *, method, kl_weight, lr, steps, se
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    model = make_lora_model(base_model, seed, lora_r, lora_alpha, lora_targets)
+    model = adapter.model(base_model, seed)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=steps,
                                  learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                                  logging_strategy="no", save_strategy="no", report_to=[], seed=seed, data_seed=seed,
                                  disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
                                  remove_unused_columns=False)
-        common = dict(model=model, args=args, train_dataset=RowsDataset(train_rows), data_collator=PadCollator(pad_id))
+        common = dict(model=model, args=args, train_dataset=RowsDataset(train_rows), data_collator=PadCollator(pad_id),
+                      optimizers=(adapter.optimizer(model, lr), None))
         if method == "lora":
             trainer = Trainer(**common)
         else:
@@ -124,13 +114,15 @@ def finetune(base_model, train_rows, pad_id, *, method, kl_weight, lr, steps, se
     return model
 
 
-def evaluate_run(model, test_loader, heldout_loader, progress=False):
-    """Target loss / exact-match accuracy on the task's test split, forgetting on held-out base text.
+def evaluate_run(model, test_loader, heldout_loader, base_model, progress=False):
+    """Target loss / exact-match accuracy on the task's test split, forgetting on held-out base text against
+    `base_model`, the original model (an adapter whose init rewrote the base weights, PiSSA say, cannot be disabled
+    to give it).
 
     `forgetting` is Lf - H(base) = KL(base || fine-tuned) (0 for an unchanged model), `lf` the cross-entropy itself.
     """
     target = evaluate_lm(model, test_loader, progress=progress, desc="target")
-    forget = forgetting_metrics(model, heldout_loader, progress=progress, desc="forgetting")
+    forget = forgetting_metrics(model, heldout_loader, base_model=base_model, progress=progress, desc="forgetting")
     return {"target_loss": target["loss"], "target_accuracy": target["sequence_accuracy"],
             "target_token_accuracy": target["accuracy"], "forgetting": forget["lf_kl"], "lf": forget["lf"],
             "retention_ppl": forget["retention_ppl"], "accuracy_drift": forget["accuracy_drift"]}

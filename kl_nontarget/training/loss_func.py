@@ -93,7 +93,7 @@ class NonTargetKLLossFunc(UsesRegularizerOptions):
             self._handles.append(embeddings.register_forward_pre_hook(self._note_autocast))
 
     def _check(self):
-        check_base_source(self.model, self.ref_model, self.ref_adapter_name)
+        self.ref_adapter_name = check_base_source(self.model, self.ref_model, self.ref_adapter_name)
         if self.ref_model is not None:
             prepare_ref_model(self.ref_model, device_of(self.model, default=None))
         self._checked = True

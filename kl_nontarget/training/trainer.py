@@ -110,7 +110,8 @@ class NonTargetKLMixin(UsesRegularizerOptions):
             raise ValueError("ref_model_init_kwargs applies when ref_model is a model name or path; got "
                              f"ref_model={type(ref_model).__name__}")
         if self.model is not None:
-            check_base_source(self.model, ref_model, ref_adapter_name)
+            # PiSSA, OLoRA, ...: the reference becomes a snapshot of the initial adapter (models/reference.py).
+            ref_adapter_name = check_base_source(self.model, ref_model, ref_adapter_name)
         self.ref_adapter_name = ref_adapter_name
         self.ref_model = None if ref_model is None else prepare_trainer_ref_model(self, ref_model)
         self._loss_only_prediction = False
