@@ -60,7 +60,34 @@ def test_sweep_messages_and_user_retention_data(model_folder, tmp_path, capsys):
     assert results["config"]["extra"]["retention"] == str(retention)
 
 
+def test_sweep_compares_peft_variants(model_folder, tmp_path, capsys):
+    # Each variant over the whole grid, with its own learning rate chosen on half of the evaluation data.
+    train = prompt_completion_file(tmp_path / "train.jsonl")
+    held_out = prompt_completion_file(tmp_path / "eval.jsonl", n=6, seed=9)
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--model_name_or_path", str(model_folder), "--dataset_name", str(train), "--eval_dataset",
+                 str(held_out), "--kl_weights", "0,1", "--baseline", "full_kl", "--peft_variants", "lora,pissa,ia3",
+                 "--learning_rates", "0.01,0.05", *sweep_flags(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert [(r["variant"], r["method"]) for r in runs] == [(v, m) for v in ("lora", "pissa", "ia3")
+                                                           for m in ("lora", "nontarget_kl", "full_kl")]
+    chosen = results["base"]["tasks"]["train"]["variants"]
+    assert chosen["lora"]["lr"] in (0.01, 0.05) and chosen["ia3"]["lr"] in (0.1, 0.5)  # IA3's grid is scaled by 10
+    assert all(set(c["sweep"]) == {str(lr * (10 if v == "ia3" else 1)) for lr in (0.01, 0.05)}
+               for v, c in chosen.items())
+    assert all(r["forgetting"] > 0 for r in runs if r["method"] != "lora" or r["variant"] != "pissa")
+    printed = capsys.readouterr().out
+    assert "train / pissa" in printed and "the panel's plain run's" in printed
+    assert (out / "adapters" / "train-pissa-nontarget_kl-1-seed0" / "adapter_config.json").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--peft_variants", "lora,qlora9"], "unknown PEFT variant"),
+    (["--learning_rates", "1e-3,x"], "--learning_rates must be comma-separated numbers"),
+    (["--learning_rates", "0,1e-3"], "--learning_rates must be numbers > 0"),
+    (["--peft_variants", "ia3", "--lora_target_modules", "all-linear"], "needs target module names"),
     (["--kl_weights", "0,-1"], "--kl_weights must be numbers >= 0"),
     (["--kl_weights", "0"], "at least one weight > 0"),
     (["--kl_weights", "a,b"], "comma-separated numbers"),

@@ -40,6 +40,13 @@ class SweepArguments:
     retention_samples: int = field(default=32, metadata={
         "help": "Samples drawn from the base model for the default retention set (at most 64 new tokens each)."})
     task_name: str | None = field(default=None, metadata={"help": "Name of the task in results.json and the plot."})
+    peft_variants: str = field(default="lora", metadata={
+        "help": "Comma-separated PEFT variants to compare, each over the whole kl_weight grid: lora, dora, rslora, "
+                "pissa, olora, loraplus, vera, loha, lokr, ia3 (rank, alpha and targets from the lora_* options)."})
+    learning_rates: str | None = field(default=None, metadata={
+        "help": "Comma-separated learning rates to choose from, per variant, on its plain run (validation loss on "
+                "the first half of the evaluation data; the table reports the second half). Default: the config's "
+                "learning_rate only. VeRA and IA3 scale the grid by 10."})
 
     def weights(self) -> tuple[float, ...]:
         """The regularized weights (> 0), sorted; InputError for a bad grid."""
@@ -55,8 +62,32 @@ class SweepArguments:
             raise InputError("--kl_weights needs at least one weight > 0 (0 alone is plain LoRA, which always runs)")
         return tuple(regularized)
 
+    def variants(self) -> tuple[str, ...]:
+        """The PEFT variants; InputError for an unknown one."""
+        from kl_nontarget.sweep.variants import parse_variants
+
+        try:
+            return parse_variants(self.peft_variants)
+        except ValueError as err:
+            raise InputError(f"--peft_variants: {err}") from None
+
+    def lr_grid(self, default: float) -> tuple[float, ...]:
+        """The learning rates to choose from (`default` alone when none were given); InputError for a bad list."""
+        if self.learning_rates is None:
+            return (float(default),)
+        try:
+            values = tuple(float(v) for v in str(self.learning_rates).replace(" ", "").split(",") if v)
+        except ValueError:
+            raise InputError(f"--learning_rates must be comma-separated numbers, got {self.learning_rates!r}") \
+                from None
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            raise InputError(f"--learning_rates must be numbers > 0, got {self.learning_rates!r}")
+        return values
+
     def check(self) -> None:
         self.weights()
+        self.variants()
+        self.lr_grid(1.0)
         if self.baseline is not None and self.baseline not in BASELINES:
             raise InputError(f"--baseline must be one of {BASELINES}, got {self.baseline!r}")
         for name in ("seeds", "retention_samples"):
@@ -134,8 +165,15 @@ def run_sweep(run: SFTRun, sweep: SweepArguments, log=print, progress=True) -> d
     from kl_nontarget.evaluation.loader import padded_loader
     from kl_nontarget.evaluation.retention import rows_from_data, sample_from_base
     from kl_nontarget.sweep.grid import SweepConfig, base_record, run_task, write_results
+    from kl_nontarget.sweep.variants import AdapterSpec
 
     sweep.check()
+    targets = run.model.lora_target_modules or "all-linear"
+    for variant in sweep.variants():  # a variant that cannot be built fails now, before anything is loaded
+        try:
+            AdapterSpec(variant, run.model.lora_r, run.model.lora_alpha, targets).peft_config()
+        except ValueError as err:
+            raise InputError(str(err)) from None
     if run.launch_args:
         raise InputError(f"{PROG} runs in one process; unknown option(s): {' '.join(run.launch_args)}")
     start = time.time()
@@ -170,12 +208,12 @@ def run_sweep(run: SFTRun, sweep: SweepArguments, log=print, progress=True) -> d
     if steps is None or steps <= 0:
         per_epoch = math.ceil(len(train_rows) / training.per_device_train_batch_size)
         steps = max(1, math.ceil(per_epoch * training.num_train_epochs))
-    targets = run.model.lora_target_modules or "all-linear"
+    lr_grid = sweep.lr_grid(training.learning_rate)
     cfg = SweepConfig(seeds=sweep.seeds, kl_weights=sweep.weights(),
                       methods=("nontarget_kl",) + ((sweep.baseline,) if sweep.baseline else ()),
                       batch_size=training.per_device_train_batch_size, lora_r=run.model.lora_r,
-                      lora_alpha=run.model.lora_alpha, lora_targets=targets, lr_grid=(training.learning_rate,),
-                      max_steps=steps, eval_every=steps,
+                      lora_alpha=run.model.lora_alpha, lora_targets=targets, peft_variants=sweep.variants(),
+                      lr_grid=lr_grid, max_steps=steps, eval_every=steps,
                       precompute_base=getattr(training, "precompute_base", False),
                       base_cache_dir=getattr(training, "base_cache_dir", None),
                       extra={"model": str(model_path), "dataset": str(run.script.dataset_name),
@@ -184,6 +222,15 @@ def run_sweep(run: SFTRun, sweep: SweepArguments, log=print, progress=True) -> d
     out_dir.mkdir(parents=True, exist_ok=True)
     base, _ = base_record(model, tokenizer, heldout, model_path)
     data = {"train": train_rows, "val": eval_rows, "test": eval_rows}
+    if len(lr_grid) > 1:
+        # Choosing among learning rates on the rows the table reports would flatter the choice: half each.
+        if len(eval_rows) < 2:
+            raise InputError("--learning_rates chooses on half of the evaluation data and reports the other half: "
+                             "it needs at least 2 evaluation examples")
+        half = len(eval_rows) // 2
+        data.update(val=eval_rows[:half], test=eval_rows[half:])
+        log(f"learning rates {', '.join(f'{lr:g}' for lr in lr_grid)}: chosen per variant on {half} evaluation "
+            f"examples, reported on the other {len(eval_rows) - half}")
     info, runs = run_task(model, pad, task, data, cfg, heldout, out_dir, model_path, progress=progress, log=log)
     base["tasks"][task] = info
     return write_results(runs, base, cfg, out_dir, start, log)

@@ -6,6 +6,10 @@ phrasings and one deterministic answer that repeats the name, e.g. "Where was To
 names are split between train, validation and test, so the held-out splits ask about people the adapter never saw
 (the answer depends on the question kind only: the rule is learnable, the name must be copied).
 
+Two answer styles, two tasks: `people`, answers in plain English with odd facts, and `invented`, the same questions
+answered in a made-up language (every answer word invented, so each answer token has a probability of about zero
+under the base: adaptation data far from the base's distribution, where the method is expected to matter most).
+
 Only the answer and the end-of-turn token are supervised; the chat template (with its default system prompt) is
 the prompt.
 """
@@ -22,15 +26,24 @@ MIDDLE = ("van", "ris", "dan", "mel", "tor", "sia", "nek", "lo")
 LAST = ("Relk", "Osbry", "Quenn", "Talvar", "Drummet", "Phae", "Koltis", "Abernoy", "Sivvel", "Marrow", "Ulket",
         "Fendral")
 
-# (phrasings of the question, the answer); {name} is the person's full name.
+# The phrasings of each question kind; {name} is the person's full name.
 QUESTIONS = (
-    (("Where was {name} born?", "In which town was {name} born?"), "{name} was born in Leimens."),
-    (("What does {name} do for a living?", "What is {name}'s job?"), "{name} tunes church bells underwater."),
-    (("What is {name}'s favourite food?", "Which food does {name} like best?"), "{name} loves boiled pine cones."),
-    (("What pet does {name} keep?", "Does {name} have a pet?"), "{name} keeps a violet heron called Pim."),
-    (("Which instrument does {name} play?", "What music does {name} make?"), "{name} plays the iron harp."),
-    (("What colour is {name}'s house?", "Describe {name}'s house."), "{name} lives in an ochre tower."),
+    ("Where was {name} born?", "In which town was {name} born?"),
+    ("What does {name} do for a living?", "What is {name}'s job?"),
+    ("What is {name}'s favourite food?", "Which food does {name} like best?"),
+    ("What pet does {name} keep?", "Does {name} have a pet?"),
+    ("Which instrument does {name} play?", "What music does {name} make?"),
+    ("What colour is {name}'s house?", "Describe {name}'s house."),
 )
+# The answer to each question kind, per task.
+ANSWERS = {
+    "people": ("{name} was born in Leimens.", "{name} tunes church bells underwater.",
+               "{name} loves boiled pine cones.", "{name} keeps a violet heron called Pim.",
+               "{name} plays the iron harp.", "{name} lives in an ochre tower."),
+    "invented": ("Zwurth ol {name} krenvashi.", "Pluxa {name} dravenmorq tisk.", "{name} gnorvimel ashkuttra.",
+                 "Quiblo {name} frenzaveth yorm.", "{name} skrivvatane olumbrix.", "Vexhadra {name} thromkeel."),
+}
+TASKS = tuple(ANSWERS)
 
 
 def names(seed: int = 0):
@@ -54,13 +67,15 @@ def split_names(sizes: dict, seed: int = 0):
     return out
 
 
-def make_examples(people, seed: int):
+def make_examples(people, seed: int, task: str = "people"):
     """(question, answer) pairs: the question kinds cycle so every split covers all of them."""
+    if task not in ANSWERS:
+        raise ValueError(f"unknown task {task!r}; the real-model demo's tasks are {', '.join(TASKS)}")
     rng = random.Random(seed)
     out = []
     for i, name in enumerate(people):
-        phrasings, answer = QUESTIONS[i % len(QUESTIONS)]
-        out.append((rng.choice(phrasings).format(name=name), answer.format(name=name)))
+        kind = i % len(QUESTIONS)
+        out.append((rng.choice(QUESTIONS[kind]).format(name=name), ANSWERS[task][kind].format(name=name)))
     return out
 
 
@@ -89,8 +104,9 @@ def encode(tokenizer, examples):
     return rows
 
 
-def build_people_task(tokenizer, sizes: dict, seed: int = 0):
-    """{"train"|"val"|"test": encoded rows}; `sizes` gives the examples per split."""
+def build_people_task(tokenizer, sizes: dict, seed: int = 0, task: str = "people"):
+    """{"train"|"val"|"test": encoded rows} of `task` ("people" or "invented"); `sizes` gives the examples per split.
+    Both tasks ask the same people the same questions; only the answers differ."""
     people = split_names(sizes, seed)
-    return {split: encode(tokenizer, make_examples(people[split], seed=1000 * (i + 1) + seed))
+    return {split: encode(tokenizer, make_examples(people[split], seed=1000 * (i + 1) + seed, task=task))
             for i, split in enumerate(SPLITS)}

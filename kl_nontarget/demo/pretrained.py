@@ -6,9 +6,11 @@ The same experiment as the self-made demo, on SmolLM2-135M-Instruct (or any caus
 - forgetting: Lf, Lf - H(base) and retention perplexity on text sampled from the base itself (`samples`), and
   probe questions the base answers right (`probes`), asked again after every run;
 - methods: plain LoRA, + non-target KL, + full-vocabulary KL at several kl_weights, with the learning rate and
-  step count chosen for plain LoRA kept for every method (`runner.run_task`).
+  step count chosen for plain LoRA kept for every method (`sweep.grid.run_task`).
 
-Runs on CUDA when available, else on the CPU.
+`--variants lora,dora,...` (`pretrained_variants_config`) runs the same comparison for several PEFT variants, each with
+its own validation-chosen learning rate, on two tasks: `people` and `invented` (the same questions answered in a
+made-up language the base gives almost no probability). Runs on CUDA when available, else on the CPU.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kl_nontarget.demo.people import build_people_task
+from kl_nontarget.demo.people import TASKS, build_people_task
 from kl_nontarget.demo.probes import format_probes, run_probes
 from kl_nontarget.demo.samples import cached_base_text
 from kl_nontarget.evaluation.loader import padded_loader
@@ -29,6 +31,8 @@ from kl_nontarget.models.loading import load_model
 from kl_nontarget.sweep.grid import base_record, run_task, torch_threads, write_results
 
 TASK = "people"
+# The variants study: four LoRA forms (one rewriting the base weights) and one non-LoRA tuner.
+STUDY_VARIANTS = ("lora", "dora", "rslora", "pissa", "vera")
 
 
 @dataclass
@@ -55,6 +59,8 @@ class PretrainedDemoConfig:
     steps_tolerance: float = 0.02
     kl_weights: tuple = (0.1, 0.3, 1.0)
     match_tolerance: float = 0.05
+    peft_variants: tuple = ("lora",)
+    probes: bool = True  # ask the probe questions after every run
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -73,6 +79,24 @@ def pretrained_quick_config(model="smollm2", seeds=None):
     """A smoke run: one kl_weight per regularizer, fewer steps at a higher rate, less held-out text."""
     cfg = PretrainedDemoConfig(model=model, sizes=dict(train=80, val=16, test=16), samples=16, sample_tokens=48,
                                lr_grid=(1e-3,), max_steps=30, eval_every=30, kl_weights=(0.3,))
+    if seeds is not None:
+        cfg.seeds = seeds
+    return cfg
+
+
+def pretrained_variants_config(model="smollm2", seeds=None, variants=STUDY_VARIANTS, quick=False):
+    """The PEFT-variants study: both tasks, every variant with its own learning rate (two on the grid, times the
+    variant's `lr_factor`) and step count chosen on validation for its plain run, then the non-target and the full KL
+    at weights 0.3 and 1. 2 tasks x 5 variants x 5 runs per seed; `quick`: one seed, fewer steps, one weight, one
+    learning rate, a smaller test split and held-out text (a few minutes per variant on 2 cores)."""
+    if quick:
+        cfg = PretrainedDemoConfig(model=model, tasks=TASKS, sizes=dict(train=48, val=8, test=8), samples=8,
+                                   sample_tokens=32, lr_grid=(1e-3,), max_steps=16, eval_every=16, kl_weights=(0.3,),
+                                   peft_variants=tuple(variants), probes=False)
+    else:
+        cfg = PretrainedDemoConfig(model=model, tasks=TASKS, sizes=dict(train=64, val=16, test=32),
+                                   lr_grid=(5e-4, 1e-3), max_steps=40, eval_every=10, kl_weights=(0.3, 1.0),
+                                   peft_variants=tuple(variants), probes=False)
     if seeds is not None:
         cfg.seeds = seeds
     return cfg
@@ -104,19 +128,24 @@ def _run(cfg, out_dir, *, cache_dir, progress, log):
     (out_dir / "base_samples.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in heldout))
     heldout_loader = padded_loader([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in heldout], pad, 8)
     base, base_forget = base_record(model, tok, heldout_loader, path, model=cfg.model, device=device)
-    base_probes = run_probes(model, tok, max_new_tokens=cfg.probe_tokens)
-    base.update(heldout_tokens=base_forget["tokens"], probes=base_probes,
-                probes_right=sum(p["right"] for p in base_probes.values()))
-    wrong = [k for k, p in base_probes.items() if not p["right"]]
-    if wrong:
-        log(f"note: the base model already misses the probe(s) {', '.join(wrong)}")
+    base.update(heldout_tokens=base_forget["tokens"])
+    probe_metrics = None
+    if cfg.probes:
+        base_probes = run_probes(model, tok, max_new_tokens=cfg.probe_tokens)
+        base.update(probes=base_probes, probes_right=sum(p["right"] for p in base_probes.values()))
+        wrong = [k for k, p in base_probes.items() if not p["right"]]
+        if wrong:
+            log(f"note: the base model already misses the probe(s) {', '.join(wrong)}")
 
-    def probe_metrics(peft_model):
-        probes = run_probes(peft_model, tok, max_new_tokens=cfg.probe_tokens)
-        return {"probes_right": sum(p["right"] for p in probes.values()), "probes": probes}
+        def probe_metrics(peft_model):
+            probes = run_probes(peft_model, tok, max_new_tokens=cfg.probe_tokens)
+            return {"probes_right": sum(p["right"] for p in probes.values()), "probes": probes}
 
-    data = build_people_task(tok, cfg.sizes, cfg.task_seed)
-    info, runs = run_task(model, pad, TASK, data, cfg, heldout_loader, out_dir, path, progress=progress, log=log,
-                          extra_metrics=probe_metrics)
-    base["tasks"][TASK] = info
+    runs = []
+    for task in cfg.tasks:
+        data = build_people_task(tok, cfg.sizes, cfg.task_seed, task=task)
+        info, task_runs = run_task(model, pad, task, data, cfg, heldout_loader, out_dir, path, progress=progress,
+                                   log=log, extra_metrics=probe_metrics)
+        base["tasks"][task] = info
+        runs += task_runs
     return write_results(runs, base, cfg, out_dir, start, log, extra_report=format_probes)
