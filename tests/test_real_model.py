@@ -195,3 +195,26 @@ def test_real_model_demo_tiny_and_eval_with_smollm2_base(checkpoint, tmp_path, c
                      "smollm2", "--json", str(report), "--no-progress", "--device", "cpu"]) == 0
     m = json.loads(report.read_text())
     assert m["base"] == checkpoint and m["lf_kl"] > 0
+
+
+@needs_extra
+def test_real_model_variants_study_tiny(checkpoint, tmp_path):
+    # The variants study's pieces on SmolLM2: both tasks, two variants (one rewriting the base weights), each with
+    # its own learning rate chosen on validation; forgetting against the original model.
+    from kl_nontarget.demo.people import TASKS
+    from kl_nontarget.demo.pretrained import pretrained_tiny_config, run_pretrained_demo
+
+    cfg = pretrained_tiny_config()
+    cfg.tasks, cfg.peft_variants, cfg.probes, cfg.lr_grid = TASKS, ("lora", "pissa"), False, (5e-4, 1e-3)
+    cfg.sizes = dict(train=4, val=2, test=2)
+    results = run_pretrained_demo(cfg, tmp_path / "study", progress=False, log=lambda *a: None,
+                                  threads=torch.get_num_threads())
+    methods = ("lora", "nontarget_kl", "full_kl")
+    assert [(r["task"], r["variant"], r["method"]) for r in results["runs"]] == [
+        (t, v, m) for t in ("people", "invented") for v in ("lora", "pissa") for m in methods]
+    for task in TASKS:
+        chosen = results["base"]["tasks"][task]["variants"]
+        assert set(chosen) == {"lora", "pissa"} and all(c["lr"] in (5e-4, 1e-3) for c in chosen.values())
+    # The invented answers are far from the base: its target loss there is much higher than on the people task.
+    assert results["base"]["tasks"]["invented"]["target_loss"] > results["base"]["tasks"]["people"]["target_loss"] + 2
+    assert all(r["forgetting"] > 0 and "probes" not in r for r in results["runs"])

@@ -9,6 +9,7 @@ from transformers import Trainer
 
 from kl_nontarget import nontarget_kl_loss_func, snapshot_adapter
 from kl_nontarget.evaluation.metrics import forgetting_metrics
+from kl_nontarget.models import reference
 from kl_nontarget.models.base_pass import base_forward
 from kl_nontarget.models.reference import INITIAL_ADAPTER, base_rewriting_init
 from kl_nontarget.sweep.variants import VARIANTS, AdapterSpec, parse_variants
@@ -49,7 +50,7 @@ def test_snapshot_of_a_base_rewriting_adapter_leaves_the_base_weights_alone(mode
 
 
 @pytest.mark.parametrize("init", REWRITING)
-def test_base_rewriting_init_trains_against_the_model_as_it_starts(model_dirs, tmp_path, init, caplog):
+def test_base_rewriting_init_trains_against_the_model_as_it_starts(model_dirs, tmp_path, init, caplog, monkeypatch):
     data = toy_token_batches(8, seed=4)
     batch = collate(data[:4])
     original = _logits(load_model(model_dirs), batch)
@@ -58,6 +59,7 @@ def test_base_rewriting_init_trains_against_the_model_as_it_starts(model_dirs, t
     with model.disable_adapter(), torch.no_grad():  # what the default base pass would have used
         residual_only = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert (residual_only - original).abs().max() > 1e-2
+    monkeypatch.setattr(reference, "_SNAPSHOTS_LOGGED", set())
     with caplog.at_level(logging.WARNING, logger="kl_nontarget"):
         trainer = NonTargetKLTrainer(model=model, args=sgd_args(tmp_path, max_steps=4, learning_rate=0.3),
                                      train_dataset=data, kl_weight=1.0)

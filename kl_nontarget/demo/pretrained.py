@@ -85,18 +85,19 @@ def pretrained_quick_config(model="smollm2", seeds=None):
 
 
 def pretrained_variants_config(model="smollm2", seeds=None, variants=STUDY_VARIANTS, quick=False):
-    """The PEFT-variants study: both tasks, every variant with its own learning rate (two on the grid, times the
+    """The PEFT-variants study: both tasks, every variant with its own learning rate (three on the grid, times the
     variant's `lr_factor`) and step count chosen on validation for its plain run, then the non-target and the full KL
-    at weights 0.3 and 1. 2 tasks x 5 variants x 5 runs per seed; `quick`: one seed, fewer steps, one weight, one
-    learning rate, a smaller test split and held-out text (a few minutes per variant on 2 cores)."""
+    at weights 0.3 and 1. Per task, variant and seed 5 runs of at most 32 steps of 4 examples (about a minute each on
+    2 cores). `quick`: one seed, 8 steps at one rate, weight 0.3 only, small splits, no step choice (3 runs of about
+    15 s per task and variant)."""
     if quick:
-        cfg = PretrainedDemoConfig(model=model, tasks=TASKS, sizes=dict(train=48, val=8, test=8), samples=8,
-                                   sample_tokens=32, lr_grid=(1e-3,), max_steps=16, eval_every=16, kl_weights=(0.3,),
-                                   peft_variants=tuple(variants), probes=False)
+        cfg = PretrainedDemoConfig(model=model, tasks=TASKS, sizes=dict(train=16, val=4, test=8), samples=8,
+                                   sample_tokens=32, batch_size=4, lr_grid=(1e-3,), max_steps=8, eval_every=8,
+                                   kl_weights=(0.3,), peft_variants=tuple(variants), probes=False)
     else:
-        cfg = PretrainedDemoConfig(model=model, tasks=TASKS, sizes=dict(train=64, val=16, test=32),
-                                   lr_grid=(5e-4, 1e-3), max_steps=40, eval_every=10, kl_weights=(0.3, 1.0),
-                                   peft_variants=tuple(variants), probes=False)
+        cfg = PretrainedDemoConfig(model=model, tasks=TASKS, sizes=dict(train=64, val=16, test=32), samples=16,
+                                   sample_tokens=64, batch_size=4, lr_grid=(2e-4, 5e-4, 1e-3), max_steps=32,
+                                   eval_every=8, kl_weights=(0.3, 1.0), peft_variants=tuple(variants), probes=False)
     if seeds is not None:
         cfg.seeds = seeds
     return cfg

@@ -51,6 +51,7 @@ class TrainedAdapterWarning(UserWarning):
 BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 # The name of the automatic snapshot of such an adapter, the reference of the non-target KL (`initial_reference`).
 INITIAL_ADAPTER = "initial"
+_SNAPSHOTS_LOGGED: set[str] = set()
 
 
 def base_rewriting_init(model: nn.Module) -> str | None:
@@ -66,7 +67,8 @@ def initial_reference(model: nn.Module, ref_model: nn.Module | None = None,
                       ref_adapter_name: str | None = None) -> str | None:
     """The reference adapter for `model`: `ref_adapter_name` when given; otherwise, when no `ref_model` is given
     either and the active adapter's init rewrote the base weights (`base_rewriting_init`), a frozen snapshot of that
-    adapter as it is now, named `INITIAL_ADAPTER` (made once and logged; an existing one is reused); else None.
+    adapter as it is now, named `INITIAL_ADAPTER` (logged once per process and init; an existing one is reused);
+    else None.
 
     With PiSSA, OLoRA, CorDA or LoRA-GA the base weights hold a residual and the adapter the rest, so the model as it
     starts (residual + initial adapter) is the original model, to float rounding, while the model with its adapter
@@ -84,6 +86,9 @@ def initial_reference(model: nn.Module, ref_model: nn.Module | None = None,
                        "snapshot of the initial adapter)", init, INITIAL_ADAPTER)
         return INITIAL_ADAPTER
     snapshot_adapter(peft_model, INITIAL_ADAPTER)
+    if init in _SNAPSHOTS_LOGGED:  # once per process and init: a sweep makes one per run
+        return INITIAL_ADAPTER
+    _SNAPSHOTS_LOGGED.add(init)
     logger.warning("init_lora_weights=%r rewrote the base weights, so the model with its adapter disabled is not the "
                    "original base: the non-target KL's reference is the model as it starts, a frozen copy of the "
                    "initial adapter named %r (kl_nontarget.snapshot_adapter). Pass ref_model= or ref_adapter_name= to "

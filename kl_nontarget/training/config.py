@@ -80,8 +80,9 @@ class NonTargetKLArguments:
         precompute_base: "false", "true" or "auto" (the trainers' `precompute_base`, same spellings as
             kl_fused_linear); base_cache_dir: where its caches live.
         ref_model_name_or_path: a frozen reference model for the base distribution, loaded by the trainer with
-            `AutoModelForCausalLM.from_pretrained` (the trainers' `ref_model=`): needed for full fine-tuning and for
-            adapter initialisations that rewrite the base weights. None: the PEFT model with its adapters disabled.
+            `AutoModelForCausalLM.from_pretrained` (the trainers' `ref_model=`): needed for full fine-tuning. None:
+            the PEFT model with its adapters disabled (or, for inits that rewrite the base weights such as PiSSA, a
+            snapshot of the initial adapter).
         ref_adapter_name: the trainers' `ref_adapter_name`: an adapter of the PeftModel used as the reference.
         ref_model_init_kwargs: `from_pretrained` keywords for that reference (a dict, or a JSON string on a command
             line); None: the config's `model_init_kwargs` when it has them (SFTConfig), else {}. `dtype` may be a

@@ -318,8 +318,9 @@ class NonTargetKLMixin(UsesRegularizerOptions):
 class NonTargetKLTrainer(NonTargetKLMixin, Trainer):
     """`transformers.Trainer` with loss = CE + kl_weight * T^2 * KL(base_nontarget || adapted_nontarget).
 
-    The base distribution comes from the PEFT model with its adapters disabled, or from `ref_model` (full
-    fine-tuning, or adapter inits such as PiSSA/OLoRA/LoftQ that rewrite the base weights).
+    The base distribution comes from the PEFT model with its adapters disabled, from a frozen reference adapter
+    (`ref_adapter_name`; made automatically, as `initial`, from the initial adapter when its init rewrote the base
+    weights: PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA), or from `ref_model` (full fine-tuning).
 
     Args:
         *args, **kwargs: the usual `transformers.Trainer` arguments. The batches need `labels` (unshifted, -100 on
