@@ -13,8 +13,8 @@ from kl_nontarget.demo.corpus import Grammar, build_tokenizer
 from kl_nontarget.demo.tasks import TASKS, answer_map, build_task, split_pairs
 from kl_nontarget.sweep.runs import FullKLTrainer, choose_baseline
 
-RUN_KEYS = {"task", "variant", "seed", "method", "kl_weight", "target_loss", "target_accuracy", "forgetting", "lf",
-            "retention_ppl"}
+RUN_KEYS = {"task", "variant", "targets", "r", "trainable_parameters", "seed", "method", "kl_weight", "target_loss",
+            "target_accuracy", "forgetting", "lf", "retention_ppl"}
 
 
 @pytest.fixture(scope="module")

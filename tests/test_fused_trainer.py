@@ -20,6 +20,7 @@ from kl_nontarget.models.lm_head import HEAD_TRANSFORMS, head_input_captured, li
 from kl_nontarget.training.trainer import NonTargetKLTrainer
 
 from tiny_models import (
+    TINY_ARCHITECTURES,
     collate,
     independent_loss,
     load_model,
@@ -28,6 +29,7 @@ from tiny_models import (
     peft_model,
     perturb_trainable,
     sgd_args,
+    tiny_causal_lm,
     toy_prompt_completions,
     toy_token_batches,
 )
@@ -248,29 +250,17 @@ def test_bf16_autocast_first_kl_is_exactly_zero_and_matches_logits(model_dirs, t
 
 # -- the architectures whose logit transform the fused path reproduces --------------------------------------------
 
-ARCHITECTURES = {
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "phi": {}, "phi3": {},
-    "gemma2": dict(final_logit_softcapping=2.0), "gemma3_text": dict(final_logit_softcapping=3.0),
-    "cohere": dict(logit_scale=0.3), "granite": dict(logits_scaling=4.0),
-}
-
-
 def test_every_known_architecture_is_checked():
     checked = set()
-    for model_type in ARCHITECTURES:
+    for model_type in TINY_ARCHITECTURES:
         config = AutoConfig.for_model(model_type)
         checked.add(AutoModelForCausalLM._model_mapping[type(config)].__name__)
     assert checked == set(HEAD_TRANSFORMS)
 
 
-@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("model_type", sorted(TINY_ARCHITECTURES))
 def test_head_transform_reproduces_the_models_logits(model_type):
-    config = AutoConfig.for_model(model_type, vocab_size=96, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                  max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
-                                  bos_token_id=1, eos_token_id=2, **ARCHITECTURES[model_type])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).double().eval()
+    model = tiny_causal_lm(model_type).double().eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(30)  # logits large enough for soft-capping to matter
     head, reason = linear_head(model)

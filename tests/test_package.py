@@ -39,12 +39,12 @@ LAYERS = {"kernels": 0, "ops": 1, "models": 2, "training": 3, "evaluation": 3, "
           "demo": 6, "cli": 7}
 ORDER = {
     "ops": ["checks", "torch_rows", "triton_rows", "params", "logits_loss", "linear_loss"],
-    "models": ["introspection", "loading", "base_pass", "reference", "lm_head"],
+    "models": ["introspection", "architectures", "loading", "base_pass", "reference", "lm_head"],
     "training": ["options", "clean_exit", "component_log", "trainer_args", "config", "adaptive_weight", "batch_rows",
                  "step_loss", "base_cache", "precompute", "loss_func", "trainer"],
     "evaluation": ["loader", "metrics", "retention", "forgetting_callback"],
     "integrations": ["trl"],
-    "sweep": ["progress", "report", "plot", "runs", "grid"],
+    "sweep": ["progress", "variants", "report", "plot", "runs", "grid"],
     "demo": ["corpus", "config", "people", "tasks", "generation", "samples", "probes", "base", "runner", "pretrained"],
     "cli": ["sft_data", "sft_launch", "sft", "sweep", "demo", "evaluate"],
 }

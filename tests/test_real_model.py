@@ -213,7 +213,7 @@ def test_real_model_variants_study_tiny(checkpoint, tmp_path):
     assert [(r["task"], r["variant"], r["method"]) for r in results["runs"]] == [
         (t, v, m) for t in ("people", "invented") for v in ("lora", "pissa") for m in methods]
     for task in TASKS:
-        chosen = results["base"]["tasks"][task]["variants"]
+        chosen = {name.split(" / ")[0]: c for name, c in results["base"]["tasks"][task]["adapters"].items()}
         assert set(chosen) == {"lora", "pissa"} and all(c["lr"] in (5e-4, 1e-3) for c in chosen.values())
     # The invented answers are far from the base: its target loss there is much higher than on the people task.
     assert results["base"]["tasks"]["invented"]["target_loss"] > results["base"]["tasks"]["people"]["target_loss"] + 2

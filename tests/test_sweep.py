@@ -73,7 +73,9 @@ def test_sweep_compares_peft_variants(model_folder, tmp_path, capsys):
     runs = results["runs"]
     assert [(r["variant"], r["method"]) for r in runs] == [(v, m) for v in ("lora", "pissa", "ia3")
                                                            for m in ("lora", "nontarget_kl", "full_kl")]
-    chosen = results["base"]["tasks"]["train"]["variants"]
+    chosen = {name.split(" / ")[0]: c for name, c in results["base"]["tasks"]["train"]["adapters"].items()}
+    assert set(results["base"]["tasks"]["train"]["adapters"]) == {f"{v} / q_proj,v_proj / r=4"
+                                                                   for v in ("lora", "pissa", "ia3")}
     assert chosen["lora"]["lr"] in (0.01, 0.05) and chosen["ia3"]["lr"] in (0.1, 0.5)  # IA3's grid is scaled by 10
     assert all(set(c["sweep"]) == {str(lr * (10 if v == "ia3" else 1)) for lr in (0.01, 0.05)}
                for v, c in chosen.items())
@@ -87,7 +89,7 @@ def test_sweep_compares_peft_variants(model_folder, tmp_path, capsys):
     (["--peft_variants", "lora,qlora9"], "unknown PEFT variant"),
     (["--learning_rates", "1e-3,x"], "--learning_rates must be comma-separated numbers"),
     (["--learning_rates", "0,1e-3"], "--learning_rates must be numbers > 0"),
-    (["--peft_variants", "ia3", "--lora_target_modules", "all-linear"], "needs target module names"),
+    (["--peft_variants", "ia3", "--lora_target_modules", "all-linear"], "needs target module names or a preset"),
     (["--kl_weights", "0,-1"], "--kl_weights must be numbers >= 0"),
     (["--kl_weights", "0"], "at least one weight > 0"),
     (["--kl_weights", "a,b"], "comma-separated numbers"),

@@ -71,6 +71,27 @@ def tiny_softcapped(path=None, *, seed=0, vocab_size=VOCAB_SIZE, hidden_size=32,
     return _save_and_load(model, path)
 
 
+# One tiny config per architecture of kl_nontarget.models.architectures.ARCHITECTURES (by model_type), with the
+# settings that make its logit transform matter.
+TINY_ARCHITECTURES = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "phi": {}, "phi3": {},
+    "gemma2": dict(final_logit_softcapping=2.0), "gemma3_text": dict(final_logit_softcapping=3.0),
+    "cohere": dict(logit_scale=0.3), "granite": dict(logits_scaling=4.0),
+}
+
+
+def tiny_causal_lm(model_type, *, seed=0, vocab_size=96, **overrides):
+    """A one-layer CausalLM of `model_type` (a key of `TINY_ARCHITECTURES`), float32, random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, **{**TINY_ARCHITECTURES[model_type], **overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
 def _scale_lm_head(model, factor=8.0):
     # Random init gives nearly uniform next-token distributions; sharper ones make the tests more telling.
     with torch.no_grad():

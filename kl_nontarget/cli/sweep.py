@@ -171,7 +171,7 @@ def run_sweep(run: SFTRun, sweep: SweepArguments, log=print, progress=True) -> d
     targets = run.model.lora_target_modules or "all-linear"
     for variant in sweep.variants():  # a variant that cannot be built fails now, before anything is loaded
         try:
-            AdapterSpec(variant, run.model.lora_r, run.model.lora_alpha, targets).peft_config()
+            AdapterSpec(variant, run.model.lora_r, run.model.lora_alpha, targets)
         except ValueError as err:
             raise InputError(str(err)) from None
     if run.launch_args:

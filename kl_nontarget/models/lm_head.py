@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kl_nontarget.models.architectures import ARCHITECTURES
 from kl_nontarget.models.base_pass import autocast_state
 from kl_nontarget.models.introspection import patched_forward, transformers_model
 from kl_nontarget.ops.checks import is_positive_number
@@ -32,38 +33,8 @@ __all__ = ["HEAD_TRANSFORMS", "LinearHead", "fused_heads", "head_input_captured"
            "head_weights", "linear_head", "register_head_capture"]
 
 
-def _plain(model):
-    return 1.0, None
-
-
-def _softcapped(model):
-    return 1.0, getattr(model.config, "final_logit_softcapping", None)
-
-
-def _cohere(model):
-    return getattr(model, "logit_scale", model.config.logit_scale), None
-
-
-def _granite(model):
-    return 1.0 / model.config.logits_scaling, None
-
-
-# CausalLM classes whose forward computes `logits = softcap * tanh(logit_scale * lm_head(hidden) / softcap)` (no tanh
-# without a soft-cap) from the hidden states it passes to `lm_head`, and how to read (logit_scale, softcap). Each entry
-# is checked against the model's own logits on a tiny model built from its config (tests/test_fused_trainer.py).
-HEAD_TRANSFORMS = {
-    "LlamaForCausalLM": _plain,
-    "MistralForCausalLM": _plain,
-    "Qwen2ForCausalLM": _plain,
-    "Qwen3ForCausalLM": _plain,
-    "GemmaForCausalLM": _plain,
-    "PhiForCausalLM": _plain,  # a head with a bias
-    "Phi3ForCausalLM": _plain,
-    "Gemma2ForCausalLM": _softcapped,  # final_logit_softcapping
-    "Gemma3ForCausalLM": _softcapped,
-    "CohereForCausalLM": _cohere,  # logits * logit_scale
-    "GraniteForCausalLM": _granite,  # logits / logits_scaling
-}
+# CausalLM class -> how to read its (logit_scale, softcap): the logit transforms of `architectures.ARCHITECTURES`.
+HEAD_TRANSFORMS = {name: arch.logits for name, arch in ARCHITECTURES.items()}
 
 
 @dataclass(frozen=True)

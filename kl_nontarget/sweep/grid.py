@@ -57,6 +57,8 @@ class SweepConfig:
     lora_alpha: int = 16
     lora_targets: list | None = None
     peft_variants: tuple = ("lora",)
+    target_presets: tuple | None = None  # compare these targets (presets or names) instead of lora_targets alone
+    lora_ranks: tuple | None = None  # compare these ranks instead of lora_r alone (alpha scaled to keep alpha / r)
     lr_grid: tuple = (1e-4,)
     max_steps: int = 100
     eval_every: int = 100
@@ -130,9 +132,13 @@ def write_results(runs, base, cfg, out_dir, start, log=print, extra_report=None)
 
 
 def adapters(cfg) -> list[AdapterSpec]:
-    """The adapters of a sweep: one `AdapterSpec` per variant of `cfg.peft_variants` (default: LoRA)."""
-    return [AdapterSpec(variant, cfg.lora_r, cfg.lora_alpha, getattr(cfg, "lora_targets", None))
-            for variant in getattr(cfg, "peft_variants", ("lora",))]
+    """The adapters of a sweep: one `AdapterSpec` per variant (`cfg.peft_variants`, default LoRA), target modules
+    (`cfg.target_presets`, default `cfg.lora_targets`) and rank (`cfg.lora_ranks`, default `cfg.lora_r`; alpha is
+    scaled with the rank so that alpha / r, LoRA's scale, stays that of `cfg.lora_alpha / cfg.lora_r`)."""
+    targets = getattr(cfg, "target_presets", None) or (getattr(cfg, "lora_targets", None),)
+    ranks = getattr(cfg, "lora_ranks", None) or (cfg.lora_r,)
+    return [AdapterSpec(variant, r, max(1, round(cfg.lora_alpha * r / cfg.lora_r)), target)
+            for variant in getattr(cfg, "peft_variants", ("lora",)) for target in targets for r in ranks]
 
 
 def run_task(model, pad, task, data, cfg, heldout_loader, out_dir, base_path, *, progress=True, log=print,
@@ -148,18 +154,18 @@ def run_task(model, pad, task, data, cfg, heldout_loader, out_dir, base_path, *,
     runner = _TaskRuns(model, pad, task, data, cfg, heldout_loader, Path(out_dir), base_path, progress, log,
                        extra_metrics)
     target = evaluate_lm(model, runner.test_loader, progress=False)
-    info = {"target_loss": target["loss"], "target_accuracy": target["sequence_accuracy"], "variants": {}}
+    info = {"target_loss": target["loss"], "target_accuracy": target["sequence_accuracy"], "adapters": {}}
     log(f"{task}: base target loss {info['target_loss']:.3f}")
     runs = []
     for adapter in adapters(cfg):
         chosen = runner.choose(adapter)
-        info["variants"][adapter.variant] = {k: v for k, v in chosen.items() if k != "snapshot"}
-        log(f"{task} / {adapter.variant}: lr={chosen['lr']:g}, steps={chosen['steps']}"
+        info["adapters"][adapter.name] = {k: v for k, v in chosen.items() if k != "snapshot"}
+        log(f"{task} / {adapter.name}: lr={chosen['lr']:g}, steps={chosen['steps']}"
             + (f" (validation loss {chosen['val_loss']:.4f})" if chosen["val_loss"] is not None else ""))
         for seed in range(cfg.seeds):
             runs += [runner.run(adapter, chosen, method, weight, seed) for method, weight in plan(cfg)]
-    if len(info["variants"]) == 1:  # one variant: its choice also at the top, as before variants existed
-        info.update(next(iter(info["variants"].values())))
+    if len(info["adapters"]) == 1:  # one adapter: its choice also at the top, as before adapters were compared
+        info.update(next(iter(info["adapters"].values())))
     return info, runs
 
 
@@ -209,7 +215,11 @@ class _TaskRuns:
     def run(self, adapter, chosen, method, weight, seed) -> dict:
         """One run, evaluated (forgetting against the original base) and saved: its results.json row."""
         variant = adapter.variant
-        tag = "-".join([self.task] + ([variant] if variant != "lora" else []) + [method, f"{weight:g}", f"seed{seed}"])
+        default = adapters(self.cfg)[0]  # the default adapter keeps the tags adapters had before they were compared
+        extra = [variant] if variant != default.variant else []
+        extra += [adapter.targets_label.replace(",", "+")] if adapter.targets != default.targets else []
+        extra += [f"r{adapter.r}"] if adapter.r != default.r else []
+        tag = "-".join([self.task, *extra, method, f"{weight:g}", f"seed{seed}"])
         if method == "lora" and seed == 0 and chosen["snapshot"] is not None:
             peft_model = lora_from_snapshot(self.model, chosen["snapshot"], seed, adapter)
         else:
@@ -219,7 +229,10 @@ class _TaskRuns:
         for config in peft_model.peft_config.values():
             config.base_model_name_or_path = str(self.base_path)
         peft_model.save_pretrained(self.out_dir / "adapters" / tag)
-        row = {"task": self.task, "variant": variant, "seed": seed, "method": method, "kl_weight": weight,
+        row = {"task": self.task, "variant": variant, "targets": adapter.targets_label, "r": adapter.r,
+               # what the adapter trains (a frozen snapshot of a base-rewriting init's adapter excluded)
+               "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+               "seed": seed, "method": method, "kl_weight": weight,
                "target_loss": metrics["target_loss"], "target_accuracy": metrics["target_accuracy"],
                "forgetting": metrics["forgetting"], "lf": metrics["lf"], "retention_ppl": metrics["retention_ppl"]}
         if self.extra_metrics is not None:

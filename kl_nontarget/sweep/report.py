@@ -1,20 +1,27 @@
 """The terminal table and the matched-target-loss comparison, from a results dict.
 
-Rows are grouped by panel: the task, or "task / variant" when the results compare PEFT variants (`panels`).
+Rows are grouped by panel: the task, followed by whichever of the adapter's variant, target modules and rank the
+results compare (`panels`), e.g. "people / pissa" or "people / attention".
 """
 
 from __future__ import annotations
 
 import statistics
 
+from kl_nontarget.sweep.variants import adapter_name
 
-def _variants(results) -> list[str]:
-    return list(dict.fromkeys(r.get("variant", "lora") for r in results["runs"]))
+# The adapter's dimensions a sweep can compare, and how a panel names each.
+DIMENSIONS = (("variant", str), ("targets", str), ("r", lambda r: f"r={r}"))
+
+
+def _varying(results) -> list[tuple[str, object]]:
+    return [(key, show) for key, show in DIMENSIONS
+            if len({r.get(key) for r in results["runs"]}) > 1]
 
 
 def panel_of(results, row) -> str:
-    """The panel of a run row: its task, followed by its variant when the results hold several variants."""
-    return row["task"] if len(_variants(results)) == 1 else f"{row['task']} / {row.get('variant', 'lora')}"
+    """The panel of a run row: its task, followed by the adapter dimensions the results compare."""
+    return " / ".join([row["task"]] + [show(row[key]) for key, show in _varying(results)])
 
 
 def panels(results) -> list[str]:
@@ -23,11 +30,12 @@ def panels(results) -> list[str]:
 
 
 def panel_info(results, panel: str) -> dict:
-    """The base record's task info for a panel (the base's target loss, and the variant's chosen lr and steps)."""
-    task, _, variant = panel.partition(" / ")
-    info = dict(results["base"]["tasks"].get(task, {}))
-    if variant:
-        info.update(info.get("variants", {}).get(variant, {}))
+    """The base record's task info for a panel: the base's target loss, and the chosen lr and steps of the panel's
+    adapter."""
+    row = next(r for r in results["runs"] if panel_of(results, r) == panel)
+    info = dict(results["base"]["tasks"].get(row["task"], {}))
+    if "variant" in row and "targets" in row:
+        info.update(info.get("adapters", {}).get(adapter_name(row["variant"], row["targets"], row["r"]), {}))
     return info
 
 
@@ -92,7 +100,7 @@ def format_table(results):
             lines.append(f"{task:{width}} {method:13} {w:5g} {m['target_loss']:11.4f} {m['target_accuracy']:8.3f} "
                          f"{m['lf']:7.4f} {m['forgetting']:7.4f} {m['retention_ppl']:8.3f}")
     tol = results["config"].get("match_tolerance", 0.05)
-    plain = "plain LoRA's" if len(_variants(results)) == 1 else "the panel's plain run's"
+    plain = "the panel's plain run's" if _varying(results) else "plain LoRA's"
     lines += ["", f"least forgetting at matched target loss (mean target loss <= {plain} + {tol:g} nats):"]
     for (task, method), m in matched(results).items():
         if m is None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kl_nontarget.models.architectures import PRESETS, target_modules
+
 # Every linear projection of a Llama-style decoder layer: the default targets.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The feed-forward output projections among them: IA3 scales their inputs rather than their outputs.
@@ -23,8 +25,11 @@ FEEDFORWARD = ("down_proj", "fc2", "dense_4h_to_h", "w2")
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """The adapter of a sweep run: a `VARIANTS` name, its rank and alpha, and the target modules (names, a PEFT
-    shorthand such as "all-linear", or None for `LORA_TARGETS`)."""
+    """The adapter of a sweep run: a `VARIANTS` name, its rank and alpha, and the target modules (names, a preset of
+    `kl_nontarget.models.architectures.PRESETS` such as "attention" or "all-linear", or None for `LORA_TARGETS`).
+
+    ValueError at construction for an unknown variant or preset, and for a variant that cannot use the targets.
+    """
 
     variant: str = "lora"
     r: int = 8
@@ -34,16 +39,37 @@ class AdapterSpec:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown PEFT variant {self.variant!r}; known: {', '.join(VARIANTS)}")
+        if isinstance(self.targets, (list, tuple)):  # a command line's one value: ["attention"] is the preset
+            targets = tuple(self.targets)
+            object.__setattr__(self, "targets", targets[0] if len(targets) == 1 and targets[0] in PRESETS else targets)
+        if isinstance(self.targets, str) and self.targets not in PRESETS:
+            target_modules(None, self.targets)  # ValueError for an unknown preset name
+        if VARIANTS[self.variant].needs_names and isinstance(self.targets, str) and self.targets not in PRESETS[:2]:
+            raise ValueError(f"the {self.variant} variant needs target module names or a preset (it must know the "
+                             f"feed-forward ones), got {self.targets!r}")
 
     @property
-    def target_modules(self) -> list[str] | str:
+    def name(self) -> str:
+        """"variant / targets / r=R", the adapter's key in results.json (`adapter_name`)."""
+        return adapter_name(self.variant, self.targets_label, self.r)
+
+    @property
+    def targets_label(self) -> str:
+        """The targets as results.json records them: the preset's name, or the module names."""
+        if self.targets is None:
+            return ",".join(LORA_TARGETS)
+        return self.targets if isinstance(self.targets, str) else ",".join(self.targets)
+
+    def target_modules(self, base_model) -> list[str] | str:
+        """The target modules for `base_model`'s architecture (a preset resolved to its module names)."""
         if self.targets is None:
             return list(LORA_TARGETS)
-        return self.targets if isinstance(self.targets, str) else list(self.targets)
+        resolved = target_modules(base_model, self.targets)
+        return resolved if isinstance(resolved, str) else list(resolved)
 
-    def peft_config(self):
-        """The PEFT config of this adapter."""
-        return VARIANTS[self.variant].config(self)
+    def peft_config(self, base_model):
+        """The PEFT config of this adapter for `base_model`."""
+        return VARIANTS[self.variant].config(self, self.target_modules(base_model))
 
     def model(self, base_model, seed: int):
         """A fresh PEFT copy of `base_model` with this adapter, initialised from `seed` (the same init for every run
@@ -51,7 +77,12 @@ class AdapterSpec:
         from peft import get_peft_model
 
         torch.manual_seed(seed)
-        return get_peft_model(copy.deepcopy(base_model), self.peft_config())
+        return get_peft_model(copy.deepcopy(base_model), self.peft_config(base_model))
+
+    def trainable_parameters(self, base_model) -> int:
+        """How many parameters this adapter trains on `base_model` (LoRA+'s optimizer does not change it)."""
+        model = self.model(base_model, seed=0)
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def optimizer(self, model, lr: float):
         """The optimizer this variant needs instead of the Trainer's default AdamW (LoRA+), else None."""
@@ -63,50 +94,51 @@ class AdapterSpec:
         return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, weight_decay=0.0)
 
 
+def adapter_name(variant: str, targets: str, r: int) -> str:
+    """The key of an adapter in results.json: "variant / targets / r=R"."""
+    return f"{variant} / {targets} / r={r}"
+
+
 @dataclass(frozen=True)
 class Variant:
     """One row of `VARIANTS`."""
 
     description: str
-    config: Callable[[AdapterSpec], object]  # AdapterSpec -> PEFT config
+    config: Callable  # (AdapterSpec, resolved target modules) -> PEFT config
     lr_factor: float = 1.0  # the sweep's learning rates are multiplied by it
     loraplus_ratio: float | None = None  # LoRA+: the B matrices learn this many times faster
+    needs_names: bool = False  # the config needs module names, not a shorthand such as "all-linear"
 
 
 def _lora(**extra):
-    def make(spec: AdapterSpec):
+    def make(spec: AdapterSpec, targets):
         from peft import LoraConfig
 
-        return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=spec.target_modules,
+        return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=targets,
                           task_type="CAUSAL_LM", **extra)
 
     return make
 
 
-def _vera(spec: AdapterSpec):
+def _vera(spec: AdapterSpec, targets):
     from peft import VeraConfig
 
     # VeRA trains two vectors per layer over shared frozen random projections, whose rank is large by design.
-    return VeraConfig(r=256, vera_dropout=0.0, target_modules=spec.target_modules, task_type="CAUSAL_LM")
+    return VeraConfig(r=256, vera_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
 
 
 def _lycoris(name):
-    def make(spec: AdapterSpec):
+    def make(spec: AdapterSpec, targets):
         import peft
 
-        return getattr(peft, name)(r=spec.r, alpha=spec.alpha, target_modules=spec.target_modules,
-                                   task_type="CAUSAL_LM")
+        return getattr(peft, name)(r=spec.r, alpha=spec.alpha, target_modules=targets, task_type="CAUSAL_LM")
 
     return make
 
 
-def _ia3(spec: AdapterSpec):
+def _ia3(spec: AdapterSpec, targets):
     from peft import IA3Config
 
-    targets = spec.target_modules
-    if isinstance(targets, str):
-        raise ValueError(f"the ia3 variant needs target module names (it must know the feed-forward ones), got "
-                         f"{targets!r}")
     return IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if t in FEEDFORWARD],
                      task_type="CAUSAL_LM")
 
@@ -124,7 +156,8 @@ VARIANTS: dict[str, Variant] = {
                     lr_factor=10.0),
     "loha": Variant("LoHa: a Hadamard product of two low-rank updates", _lycoris("LoHaConfig")),
     "lokr": Variant("LoKr: a Kronecker product update", _lycoris("LoKrConfig")),
-    "ia3": Variant("IA3: learned rescaling of keys, values and feed-forward inputs", _ia3, lr_factor=10.0),
+    "ia3": Variant("IA3: learned rescaling of keys, values and feed-forward inputs", _ia3, lr_factor=10.0,
+                   needs_names=True),
 }
 
 
