@@ -137,6 +137,18 @@ def check_kl_nontarget(argv: list[str]) -> None:
 
         (sweep,) = parse_args(rest, extra_types=(SweepArguments,)).extras
         sweep.check()
+    elif command == "sequence":
+        from kl_nontarget.cli.sequence import SequenceArguments
+        from kl_nontarget.cli.sft import parse_args
+
+        (sequence,) = parse_args(rest, extra_types=(SequenceArguments,)).extras
+        sequence.check()
+    elif command == "powerlaw":
+        from kl_nontarget.cli.powerlaw import PowerLawArguments
+        from kl_nontarget.cli.sft import parse_args
+
+        run = parse_args(rest, extra_types=(PowerLawArguments,))
+        run.extras[0].check(run.training.max_steps if run.training.max_steps > 0 else 32)
     else:
         raise AssertionError(f"no check for `kl-nontarget {command}`: add one to tests/test_docs.py")
 

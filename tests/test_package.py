@@ -36,7 +36,7 @@ def test_console_script_prints_help():
 # same layer never import each other (training and evaluation). The kernels (repository folder kernels/) import
 # nothing of the package.
 LAYERS = {"kernels": 0, "ops": 1, "models": 2, "training": 3, "evaluation": 3, "integrations": 4, "sweep": 5,
-          "demo": 6, "cli": 7}
+          "lab": 6, "demo": 6, "cli": 7}
 ORDER = {
     "ops": ["checks", "torch_rows", "triton_rows", "params", "logits_loss", "linear_loss"],
     "models": ["introspection", "architectures", "loading", "base_pass", "reference", "lm_head"],
@@ -45,8 +45,9 @@ ORDER = {
     "evaluation": ["loader", "metrics", "retention", "forgetting_callback"],
     "integrations": ["trl"],
     "sweep": ["progress", "variants", "report", "plot", "runs", "grid"],
+    "lab": ["sequence", "power_law"],
     "demo": ["corpus", "config", "people", "tasks", "generation", "samples", "probes", "base", "runner", "pretrained"],
-    "cli": ["sft_data", "sft_launch", "sft", "sweep", "demo", "evaluate"],
+    "cli": ["sft_data", "sft_launch", "sft", "experiment", "sweep", "sequence", "powerlaw", "demo", "evaluate"],
 }
 
 

@@ -150,9 +150,10 @@ def load_datasets(script, mixture, *, text_field: str = "text", want_eval: bool 
     return train, evaluation
 
 
-def default_task(cache_dir=None, log=print):
+def default_task(cache_dir=None, log=print, task: str = "shifted"):
     """(model path, train, eval) of the embedded default: the quick demo's base model (pretrained on first use and
-    cached, like `kl-nontarget demo --quick`) and its `shifted` task as prompt/completion text."""
+    cached, like `kl-nontarget demo --quick`) and one of its tasks (`shifted`, or `near`) as prompt/completion
+    text."""
     from datasets import Dataset
 
     from kl_nontarget.demo.base import load_or_pretrain
@@ -162,7 +163,7 @@ def default_task(cache_dir=None, log=print):
     cfg = quick_config()
     _model, _tokenizer, grammar, path, _cached = load_or_pretrain(cfg.base, cfg.base_seed, cache_dir=cache_dir,
                                                                   log=log)
-    examples = task_examples(grammar, "shifted", cfg.sizes, seed=0)
+    examples = task_examples(grammar, task, cfg.sizes, seed=0)
 
     def rows(split):
         return Dataset.from_list([{"prompt": " ".join(prompt), "completion": " " + " ".join(answer)}

@@ -14,11 +14,21 @@ from __future__ import annotations
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kl_nontarget.cli.sft import SFTRun, demo_task, has_data, model_init_kwargs, parse_args, run_command
+from kl_nontarget.cli.experiment import (
+    RetentionArguments,
+    load_base,
+    one_process,
+    parse_list,
+    parse_ranks,
+    parse_weights,
+    retention_loader,
+    tokenized_rows,
+    train_steps,
+)
+from kl_nontarget.cli.sft import SFTRun, demo_task, has_data, parse_args, run_command
 from kl_nontarget.cli.sft_data import InputError, load_datasets, resolve_model_path
 
 PROG = "kl-nontarget sweep"
@@ -26,23 +36,23 @@ BASELINES = ("full_kl",)
 
 
 @dataclass
-class SweepArguments:
+class SweepArguments(RetentionArguments):
     """The sweep's own options (the rest are `kl-nontarget sft`'s)."""
 
     kl_weights: str = field(default="0,0.1,0.3,1", metadata={
         "help": "Comma-separated kl_weights; 0 is plain LoRA (always run), every other weight one non-target KL run."})
     baseline: str | None = field(default=None, metadata={
         "help": "Also train this regularizer at the same weights, for comparison: 'full_kl' (full-vocabulary KL)."})
-    seeds: int = field(default=1, metadata={"help": "Seeds per setting (LoRA init and data order)."})
-    retention_data: str | None = field(default=None, metadata={
-        "help": "Retention text for the forgetting metrics: a .jsonl/.json/.parquet/.csv file or folder with a "
-                "'text' column. Default: text sampled from the base model itself."})
-    retention_samples: int = field(default=32, metadata={
-        "help": "Samples drawn from the base model for the default retention set (at most 64 new tokens each)."})
     task_name: str | None = field(default=None, metadata={"help": "Name of the task in results.json and the plot."})
     peft_variants: str = field(default="lora", metadata={
         "help": "Comma-separated PEFT variants to compare, each over the whole kl_weight grid: lora, dora, rslora, "
                 "pissa, olora, loraplus, vera, loha, lokr, ia3 (rank, alpha and targets from the lora_* options)."})
+    target_presets: str | None = field(default=None, metadata={
+        "help": "Comma-separated target modules to compare, each over the whole grid: presets (attention, "
+                "mlp_up_gate, all-linear), resolved for the model's architecture. Default: --lora_target_modules."})
+    lora_ranks: str | None = field(default=None, metadata={
+        "help": "Comma-separated LoRA ranks to compare (alpha scaled to keep lora_alpha / lora_r). Default: "
+                "--lora_r."})
     learning_rates: str | None = field(default=None, metadata={
         "help": "Comma-separated learning rates to choose from, per variant, on its plain run (validation loss on "
                 "the first half of the evaluation data; the table reports the second half). Default: the config's "
@@ -50,17 +60,10 @@ class SweepArguments:
 
     def weights(self) -> tuple[float, ...]:
         """The regularized weights (> 0), sorted; InputError for a bad grid."""
-        try:
-            values = [float(w) for w in str(self.kl_weights).replace(" ", "").split(",") if w != ""]
-        except ValueError:
-            raise InputError(f"--kl_weights must be comma-separated numbers, got {self.kl_weights!r}") from None
-        bad = [w for w in values if not (math.isfinite(w) and w >= 0)]
-        if bad or not values:
-            raise InputError(f"--kl_weights must be numbers >= 0, got {self.kl_weights!r}")
-        regularized = sorted({w for w in values if w > 0})
+        regularized = tuple(w for w in parse_weights(self.kl_weights) if w > 0)
         if not regularized:
             raise InputError("--kl_weights needs at least one weight > 0 (0 alone is plain LoRA, which always runs)")
-        return tuple(regularized)
+        return regularized
 
     def variants(self) -> tuple[str, ...]:
         """The PEFT variants; InputError for an unknown one."""
@@ -71,28 +74,34 @@ class SweepArguments:
         except ValueError as err:
             raise InputError(f"--peft_variants: {err}") from None
 
+    def presets(self) -> tuple[str, ...] | None:
+        """The target modules to compare, or None; InputError for an unknown preset."""
+        if self.target_presets is None:
+            return None
+        from kl_nontarget.models.architectures import PRESETS
+
+        return parse_list(self.target_presets, "target_presets", str, lambda t: t in PRESETS,
+                          f"presets ({', '.join(PRESETS)})")
+
+    def ranks(self) -> tuple[int, ...] | None:
+        return None if self.lora_ranks is None else parse_ranks(self.lora_ranks)
+
     def lr_grid(self, default: float) -> tuple[float, ...]:
         """The learning rates to choose from (`default` alone when none were given); InputError for a bad list."""
         if self.learning_rates is None:
             return (float(default),)
-        try:
-            values = tuple(float(v) for v in str(self.learning_rates).replace(" ", "").split(",") if v)
-        except ValueError:
-            raise InputError(f"--learning_rates must be comma-separated numbers, got {self.learning_rates!r}") \
-                from None
-        if not values or not all(math.isfinite(v) and v > 0 for v in values):
-            raise InputError(f"--learning_rates must be numbers > 0, got {self.learning_rates!r}")
-        return values
+        return parse_list(self.learning_rates, "learning_rates", float, lambda v: math.isfinite(v) and v > 0,
+                          "numbers > 0")
 
     def check(self) -> None:
         self.weights()
         self.variants()
+        self.presets()
+        self.ranks()
         self.lr_grid(1.0)
         if self.baseline is not None and self.baseline not in BASELINES:
             raise InputError(f"--baseline must be one of {BASELINES}, got {self.baseline!r}")
-        for name in ("seeds", "retention_samples"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        self.check_retention()
 
 
 def _prepare(run: SFTRun, sweep: SweepArguments, log=print):
@@ -109,129 +118,51 @@ def _prepare(run: SFTRun, sweep: SweepArguments, log=print):
     return model_path, train, evaluation, name
 
 
-def _rows(dataset) -> list[dict]:
-    """Token rows (labels -100 off the supervised tokens) from a dataset TRL's SFTTrainer has tokenized."""
-    rows = []
-    for example in dataset:
-        ids = list(example["input_ids"])
-        mask = example.get("completion_mask") or example.get("assistant_masks")
-        labels = ids if mask is None else [t if m else -100 for t, m in zip(ids, mask)]
-        if len(ids) > 1 and any(y != -100 for y in labels[1:]):
-            rows.append({"input_ids": ids, "labels": labels})
-    return rows
-
-
-def tokenized_rows(model, tokenizer, training, train, evaluation) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) tokenized exactly as `trl.SFTTrainer` does for these datasets and this config
-    (templates, completion-only and assistant-only masks, truncation), without training."""
-    import tempfile
-
-    import trl
-
-    from kl_nontarget.integrations.trl import remove_trl_patch
-
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        args = trl.SFTConfig(**{**_sft_fields(training), "output_dir": tmp, "report_to": [], "packing": False,
-                                "bf16": False, "fp16": False,
-                                "eval_strategy": "no"})
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                                 processing_class=tokenizer)
-        train_rows, eval_rows = _rows(trainer.train_dataset), _rows(trainer.eval_dataset)
-        # SFTTrainer patched the model's forward with its chunked LM head; the sweep's runs train the plain model.
-        remove_trl_patch(model)
-    if not train_rows or not eval_rows:
-        raise InputError("no supervised tokens left after tokenization in the " +
-                         ("training" if not train_rows else "evaluation") + " data (check max_length and the columns)")
-    return train_rows, eval_rows
-
-
-def _sft_fields(training) -> dict:
-    import dataclasses
-
-    import trl
-
-    names = {f.name for f in dataclasses.fields(trl.SFTConfig) if f.init}
-    keep = ("max_length", "dataset_text_field", "completion_only_loss", "assistant_only_loss", "chat_template_path",
-            "eos_token", "pad_token", "truncation_mode", "dataset_kwargs", "use_cpu", "seed")
-    return {k: getattr(training, k) for k in keep if k in names and hasattr(training, k)}
-
-
 def run_sweep(run: SFTRun, sweep: SweepArguments, log=print, progress=True) -> dict:
     """The whole sweep; returns the results dict written to output_dir/results.json."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kl_nontarget.evaluation.loader import padded_loader
-    from kl_nontarget.evaluation.retention import rows_from_data, sample_from_base
-    from kl_nontarget.sweep.grid import SweepConfig, base_record, run_task, write_results
-    from kl_nontarget.sweep.variants import AdapterSpec
+    from kl_nontarget.sweep.grid import SweepConfig, adapters, base_record, run_task, write_results
 
     sweep.check()
-    targets = run.model.lora_target_modules or "all-linear"
-    for variant in sweep.variants():  # a variant that cannot be built fails now, before anything is loaded
-        try:
-            AdapterSpec(variant, run.model.lora_r, run.model.lora_alpha, targets)
-        except ValueError as err:
-            raise InputError(str(err)) from None
-    if run.launch_args:
-        raise InputError(f"{PROG} runs in one process; unknown option(s): {' '.join(run.launch_args)}")
-    start = time.time()
     training = run.training
-    model_path, train, evaluation, task = _prepare(run, sweep, log)
-    if evaluation is None:
-        raise InputError("a sweep measures the target loss on held-out data: pass --eval_dataset FILE, or a dataset "
-                         "with a test split (--dataset_test_split)")
-    kwargs = model_init_kwargs(run)
-    if kwargs.get("dtype") in (None, "auto"):
-        kwargs["dtype"] = torch.float32
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    device = "cuda" if torch.cuda.is_available() and not training.use_cpu else "cpu"
-    model.to(device)
-    train_rows, eval_rows = tokenized_rows(model, tokenizer, training, train, evaluation)
-    if sweep.retention_data is not None:
-        from kl_nontarget.cli.sft_data import load_data
-
-        data = load_data(sweep.retention_data)
-        data = data["train"] if hasattr(data, "keys") else data
-        retention = rows_from_data(data, tokenizer)
-    else:
-        retention = sample_from_base(model, tokenizer, base_model=model, num_samples=sweep.retention_samples,
-                                     seed=training.seed)
-    pad = tokenizer.pad_token_id
-    heldout = padded_loader(retention, pad, batch_size=8)
-    steps = training.max_steps
-    if steps is None or steps <= 0:
-        per_epoch = math.ceil(len(train_rows) / training.per_device_train_batch_size)
-        steps = max(1, math.ceil(per_epoch * training.num_train_epochs))
-    lr_grid = sweep.lr_grid(training.learning_rate)
+    targets = run.model.lora_target_modules or "all-linear"
     cfg = SweepConfig(seeds=sweep.seeds, kl_weights=sweep.weights(),
                       methods=("nontarget_kl",) + ((sweep.baseline,) if sweep.baseline else ()),
                       batch_size=training.per_device_train_batch_size, lora_r=run.model.lora_r,
                       lora_alpha=run.model.lora_alpha, lora_targets=targets, peft_variants=sweep.variants(),
-                      lr_grid=lr_grid, max_steps=steps, eval_every=steps,
+                      target_presets=sweep.presets(), lora_ranks=sweep.ranks(),
+                      lr_grid=sweep.lr_grid(training.learning_rate),
                       precompute_base=getattr(training, "precompute_base", False),
-                      base_cache_dir=getattr(training, "base_cache_dir", None),
-                      extra={"model": str(model_path), "dataset": str(run.script.dataset_name),
-                             "retention": sweep.retention_data or f"{len(retention)} samples from the base model"})
+                      base_cache_dir=getattr(training, "base_cache_dir", None))
+    try:  # an adapter that cannot be built fails now, before anything is loaded
+        adapters(cfg)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    one_process(run, PROG)
+    start = time.time()
+    model_path, train, evaluation, task = _prepare(run, sweep, log)
+    if evaluation is None:
+        raise InputError("a sweep measures the target loss on held-out data: pass --eval_dataset FILE, or a dataset "
+                         "with a test split (--dataset_test_split)")
+    model, tokenizer = load_base(run, model_path)
+    train_rows, eval_rows = tokenized_rows(model, tokenizer, training, train, evaluation)
+    heldout, retention = retention_loader(model, tokenizer, sweep, seed=training.seed)
+    cfg.max_steps = cfg.eval_every = train_steps(run, len(train_rows))
+    cfg.extra = {"model": str(model_path), "dataset": str(run.script.dataset_name), "retention": retention}
     out_dir = Path(training.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base, _ = base_record(model, tokenizer, heldout, model_path)
     data = {"train": train_rows, "val": eval_rows, "test": eval_rows}
-    if len(lr_grid) > 1:
+    if len(cfg.lr_grid) > 1:
         # Choosing among learning rates on the rows the table reports would flatter the choice: half each.
         if len(eval_rows) < 2:
             raise InputError("--learning_rates chooses on half of the evaluation data and reports the other half: "
                              "it needs at least 2 evaluation examples")
         half = len(eval_rows) // 2
         data.update(val=eval_rows[:half], test=eval_rows[half:])
-        log(f"learning rates {', '.join(f'{lr:g}' for lr in lr_grid)}: chosen per variant on {half} evaluation "
+        log(f"learning rates {', '.join(f'{lr:g}' for lr in cfg.lr_grid)}: chosen per adapter on {half} evaluation "
             f"examples, reported on the other {len(eval_rows) - half}")
-    info, runs = run_task(model, pad, task, data, cfg, heldout, out_dir, model_path, progress=progress, log=log)
+    info, runs = run_task(model, tokenizer.pad_token_id, task, data, cfg, heldout, out_dir, model_path,
+                          progress=progress, log=log)
     base["tasks"][task] = info
     return write_results(runs, base, cfg, out_dir, start, log)
 

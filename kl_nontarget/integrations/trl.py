@@ -25,6 +25,7 @@ import torch
 import trl
 from torch import nn
 
+from kl_nontarget.models.architectures import PRESETS, target_modules
 from kl_nontarget.models.introspection import is_trl_fused_forward, transformers_model
 from kl_nontarget.ops.linear_loss import default_chunk_size
 from kl_nontarget.training.batch_rows import BatchHidden, head_tensors
@@ -35,6 +36,24 @@ from kl_nontarget.training.trainer import NonTargetKLMixin
 from kl_nontarget.training.trainer_args import liger_without_fused_loss, trainer_args
 
 __all__ = ["NonTargetKLSFTConfig", "NonTargetKLSFTTrainer", "nontarget_kl_loss_func", "NonTargetKLLossFunc"]
+
+
+def _resolve_target_preset(args: tuple, kwargs: dict) -> None:
+    """A `peft_config` whose `target_modules` is a preset (attention, mlp_up_gate) gets the module names of the
+    model's architecture (`kl_nontarget.models.architectures`), the model given as a module or a name/path."""
+    config = kwargs.get("peft_config")
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, (set, frozenset)):
+        targets = sorted(targets)
+    presets = PRESETS[:2]  # "all-linear" is PEFT's own shorthand: it needs no resolving
+    if not (targets in presets or (isinstance(targets, list) and len(targets) == 1 and targets[0] in presets)):
+        return
+    model = kwargs.get("model", args[0] if args else None)
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        model = AutoConfig.from_pretrained(os.fspath(model))
+    config.target_modules = set(target_modules(model, targets))
 
 
 # SFT loss types the trainers support: DFT reweights each token's cross-entropy by its detached probability, which
@@ -107,6 +126,7 @@ class NonTargetKLSFTTrainer(NonTargetKLMixin, trl.SFTTrainer):
                                fused_linear=fused_linear, kl_target=kl_target, precompute_base=precompute_base,
                                base_cache_dir=base_cache_dir)
         args, kwargs = _sft_args(args, kwargs)
+        _resolve_target_preset(args, kwargs)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("NonTargetKLSFTTrainer computes its own loss; do not pass compute_loss_func (use "
                              "trl.SFTTrainer with compute_loss_func=nontarget_kl_loss_func(...) for the hook form)")

@@ -78,11 +78,12 @@ def lora_from_snapshot(base_model, snapshot, seed, adapter: AdapterSpec):
 
 
 def finetune(base_model, train_rows, pad_id, adapter: AdapterSpec, *, method, kl_weight, lr, steps, seed, batch_size,
-             callbacks=(), desc="run", progress=True, precompute_base=False, base_cache_dir=None):
+             callbacks=(), desc="run", progress=True, precompute_base=False, base_cache_dir=None, ref_model=None):
     """Trains a fresh `adapter` on `train_rows` and returns the PEFT model.
 
     `precompute_base`, `base_cache_dir`: the non-target KL runs' base hidden-state cache (`NonTargetKLTrainer`), so
-    the runs of a sweep on one base model and data share one base pass.
+    the runs of a sweep on one base model and data share one base pass. `ref_model`: the regularized runs' reference,
+    instead of `base_model` (the adapter disabled).
     """
     from transformers import Trainer, TrainingArguments
 
@@ -102,9 +103,9 @@ def finetune(base_model, train_rows, pad_id, adapter: AdapterSpec, *, method, kl
         else:
             if method == "nontarget_kl":
                 trainer = NonTargetKLTrainer(**common, kl_weight=kl_weight, precompute_base=precompute_base,
-                                             base_cache_dir=base_cache_dir)
+                                             base_cache_dir=base_cache_dir, ref_model=ref_model)
             else:  # the full KL needs the base logits: no cache
-                trainer = FullKLTrainer(**common, kl_weight=kl_weight)
+                trainer = FullKLTrainer(**common, kl_weight=kl_weight, ref_model=ref_model)
         quiet_trainer(trainer)
         trainer.add_callback(TqdmCallback(desc, disable=not progress))
         for cb in callbacks:
