@@ -115,7 +115,7 @@ def run_power_law(run: SFTRun, args: PowerLawArguments, log=print, progress=True
     steps = args.steps(max_steps)
     points, rows = collect_points(model, tokenizer.pad_token_id, train_rows, adapters, parse_weights(args.kl_weights),
                                   steps, heldout, lr=training.learning_rate,
-                                  batch_size=training.per_device_train_batch_size, seed=training.seed, log=log,
+                                  batch_size=training.per_device_train_batch_size, seeds=args.seeds, log=log,
                                   progress=progress)
     fits = {}
     for name, method_points in points.items():

@@ -67,14 +67,16 @@ def split_names(sizes: dict, seed: int = 0):
     return out
 
 
-def make_examples(people, seed: int, task: str = "people"):
-    """(question, answer) pairs: the question kinds cycle so every split covers all of them."""
+def make_examples(people, seed: int, task: str = "people", kinds: tuple | None = None):
+    """(question, answer) pairs: the question kinds (all, or the indices `kinds` of `QUESTIONS`) cycle so every split
+    covers all of them."""
     if task not in ANSWERS:
         raise ValueError(f"unknown task {task!r}; the real-model demo's tasks are {', '.join(TASKS)}")
+    kinds = tuple(range(len(QUESTIONS))) if kinds is None else tuple(kinds)
     rng = random.Random(seed)
     out = []
     for i, name in enumerate(people):
-        kind = i % len(QUESTIONS)
+        kind = kinds[i % len(kinds)]
         out.append((rng.choice(QUESTIONS[kind]).format(name=name), ANSWERS[task][kind].format(name=name)))
     return out
 
@@ -104,9 +106,10 @@ def encode(tokenizer, examples):
     return rows
 
 
-def build_people_task(tokenizer, sizes: dict, seed: int = 0, task: str = "people"):
-    """{"train"|"val"|"test": encoded rows} of `task` ("people" or "invented"); `sizes` gives the examples per split.
-    Both tasks ask the same people the same questions; only the answers differ."""
+def build_people_task(tokenizer, sizes: dict, seed: int = 0, task: str = "people", kinds: tuple | None = None):
+    """{"train"|"val"|"test": encoded rows} of `task` ("people" or "invented"); `sizes` gives the examples per split,
+    `kinds` the question kinds asked (default: all). Both tasks ask the same people the same questions; only the
+    answers differ."""
     people = split_names(sizes, seed)
-    return {split: encode(tokenizer, make_examples(people[split], seed=1000 * (i + 1) + seed, task=task))
+    return {split: encode(tokenizer, make_examples(people[split], seed=1000 * (i + 1) + seed, task=task, kinds=kinds))
             for i, split in enumerate(SPLITS)}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kl_nontarget.demo.people import TASKS, build_people_task
+from kl_nontarget.demo.people import build_people_task
 from kl_nontarget.demo.probes import format_probes, run_probes
 from kl_nontarget.demo.samples import cached_base_text
 from kl_nontarget.evaluation.loader import padded_loader
@@ -33,6 +33,7 @@ from kl_nontarget.sweep.grid import base_record, run_task, torch_threads, write_
 TASK = "people"
 # The variants study: four LoRA forms (one rewriting the base weights) and one non-LoRA tuner.
 STUDY_VARIANTS = ("lora", "dora", "rslora", "pissa", "vera")
+STUDY_TASKS = ("people", "invented")
 
 
 @dataclass
@@ -91,11 +92,11 @@ def pretrained_variants_config(model="smollm2", seeds=None, variants=STUDY_VARIA
     2 cores). `quick`: one seed, 8 steps at one rate, weight 0.3 only, small splits, no step choice (3 runs of about
     15 s per task and variant)."""
     if quick:
-        cfg = PretrainedDemoConfig(model=model, tasks=TASKS, sizes=dict(train=16, val=4, test=8), samples=8,
+        cfg = PretrainedDemoConfig(model=model, tasks=STUDY_TASKS, sizes=dict(train=16, val=4, test=8), samples=8,
                                    sample_tokens=32, batch_size=4, lr_grid=(1e-3,), max_steps=8, eval_every=8,
                                    kl_weights=(0.3,), peft_variants=tuple(variants), probes=False)
     else:
-        cfg = PretrainedDemoConfig(model=model, tasks=TASKS, sizes=dict(train=64, val=16, test=32), samples=16,
+        cfg = PretrainedDemoConfig(model=model, tasks=STUDY_TASKS, sizes=dict(train=64, val=16, test=32), samples=16,
                                    sample_tokens=64, batch_size=4, lr_grid=(2e-4, 5e-4, 1e-3), max_steps=32,
                                    eval_every=8, kl_weights=(0.3, 1.0), peft_variants=tuple(variants), probes=False)
     if seeds is not None:

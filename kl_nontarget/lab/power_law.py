@@ -119,27 +119,27 @@ class ForgettingCurve(TrainerCallback):
             self.points[state.global_step] = {"lf": m["lf"], "forgetting": m["lf_kl"]}
 
 
-def collect_points(model, pad, train_rows, adapters, kl_weights, steps, heldout_loader, *, lr, batch_size, seed=0,
+def collect_points(model, pad, train_rows, adapters, kl_weights, steps, heldout_loader, *, lr, batch_size, seeds=1,
                    log=print, progress=True):
-    """{method name: [(N, S, Lf), ...]}: for every weight (0 = plain LoRA) and adapter (ranks, target presets), one
-    run to max(steps) measuring Lf against `model` at each of `steps`; N is the adapter's trained parameters."""
+    """({method name: [(N, S, Lf), ...]}, the rows for results.json): for every weight (0 = plain LoRA), adapter
+    (ranks, target presets) and seed, one run to max(steps) measuring Lf against `model` at each of `steps`; N is the
+    adapter's trained parameters."""
     from kl_nontarget.sweep.runs import finetune
 
     points, rows = {}, []
-    for weight in kl_weights:
+    for weight, adapter, seed in ((w, a, s) for w in kl_weights for a in adapters for s in range(seeds)):
         name = "plain LoRA" if weight == 0 else f"non-target KL λ={weight:g}"
-        for adapter in adapters:
-            curve = ForgettingCurve(heldout_loader, steps, base_model=model)
-            trained = finetune(model, train_rows, pad, adapter, method="lora" if weight == 0 else "nontarget_kl",
-                               kl_weight=float(weight), lr=lr, steps=max(steps), seed=seed, batch_size=batch_size,
-                               callbacks=[curve], progress=progress, desc=f"{name}, {adapter.name}")
-            n = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-            for step, m in sorted(curve.points.items()):
-                points.setdefault(name, []).append((n, step, m["lf"]))
-                rows.append({"method": name, "kl_weight": float(weight), "adapter": adapter.name,
-                             "trainable_parameters": n, "steps": step, "lf": m["lf"], "forgetting": m["forgetting"]})
-            log(f"  {name}, {adapter.name} (N = {n:,}): Lf " + ", ".join(
-                f"{curve.points[s]['lf']:.4f}@{s}" for s in sorted(curve.points)))
+        curve = ForgettingCurve(heldout_loader, steps, base_model=model)
+        trained = finetune(model, train_rows, pad, adapter, method="lora" if weight == 0 else "nontarget_kl",
+                           kl_weight=float(weight), lr=lr, steps=max(steps), seed=seed, batch_size=batch_size,
+                           callbacks=[curve], progress=progress, desc=f"{name}, {adapter.name}, seed {seed}")
+        n = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+        for step, m in sorted(curve.points.items()):
+            points.setdefault(name, []).append((n, step, m["lf"]))
+            rows.append({"method": name, "kl_weight": float(weight), "adapter": adapter.name, "seed": seed,
+                         "trainable_parameters": n, "steps": step, "lf": m["lf"], "forgetting": m["forgetting"]})
+        log(f"  {name}, {adapter.name}, seed {seed} (N = {n:,}): Lf " + ", ".join(
+            f"{curve.points[s]['lf']:.4f}@{s}" for s in sorted(curve.points)))
     return points, rows
 
 
