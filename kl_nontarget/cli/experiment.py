@@ -31,6 +31,15 @@ def parse_weights(text, option: str = "kl_weights") -> tuple[float, ...]:
                                        "numbers >= 0"))))
 
 
+def parse_presets(text, option: str = "target_presets") -> tuple[str, ...] | None:
+    """Target-module presets (`kl_nontarget.models.architectures.PRESETS`), or None for no text."""
+    if text is None:
+        return None
+    from kl_nontarget.models.architectures import PRESETS
+
+    return parse_list(text, option, str, lambda t: t in PRESETS, f"presets ({', '.join(PRESETS)})")
+
+
 def parse_ranks(text, option: str = "lora_ranks") -> tuple[int, ...]:
     """LoRA ranks (integers >= 1), in the given order, without repeats."""
     return tuple(dict.fromkeys(parse_list(text, option, int, lambda r: r >= 1, "integers >= 1")))
@@ -144,6 +153,23 @@ def train_steps(run: SFTRun, examples: int) -> int:
         return training.max_steps
     per_epoch = math.ceil(examples / training.per_device_train_batch_size)
     return max(1, math.ceil(per_epoch * training.num_train_epochs))
+
+
+def command_main(prog: str, arguments: type, body: Callable, argv: list[str] | None = None) -> int:
+    """`prog ...` as a command: parse `argv` (default: sys.argv[1:]) with the sft options and the `arguments`
+    dataclass, then `body(run, arguments)`; 0 on success, 2 for bad input (one message on stderr)."""
+    import sys
+
+    from kl_nontarget.cli.sft import parse_args, run_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def parse_and_run() -> int:
+        run = parse_args(argv, extra_types=(arguments,), prog=prog)
+        body(run, run.extras[0])
+        return 0
+
+    return run_command(prog, parse_and_run)
 
 
 def one_process(run: SFTRun, prog: str) -> None:

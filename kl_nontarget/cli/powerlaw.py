@@ -12,22 +12,23 @@ powerlaw.png and the printed fits. With neither a model nor a dataset it runs th
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kl_nontarget.cli.experiment import (
     RetentionArguments,
+    command_main,
     load_base,
     one_process,
     parse_list,
+    parse_presets,
     parse_ranks,
     parse_weights,
     retention_loader,
     tokenized_rows,
 )
-from kl_nontarget.cli.sft import SFTRun, parse_args, run_command
+from kl_nontarget.cli.sft import SFTRun
 from kl_nontarget.cli.sft_data import InputError
 
 PROG = "kl-nontarget powerlaw"
@@ -55,13 +56,9 @@ class PowerLawArguments(RetentionArguments):
         return tuple(sorted(set(parse_list(self.measure_steps, "measure_steps", int, lambda s: s >= 1,
                                            "integers >= 1"))))
 
-    def presets(self) -> tuple | None:
-        if self.target_presets is None:
-            return None
-        from kl_nontarget.models.architectures import PRESETS
-
-        return parse_list(self.target_presets, "target_presets", str, lambda t: t in PRESETS,
-                          f"presets ({', '.join(PRESETS)})")
+    def presets(self) -> tuple[str, ...] | None:
+        """The target modules to compare, or None; InputError for an unknown preset."""
+        return parse_presets(self.target_presets)
 
     def check(self, max_steps: int) -> None:
         from kl_nontarget.lab.power_law import MIN_POINTS
@@ -142,11 +139,4 @@ def run_power_law(run: SFTRun, args: PowerLawArguments, log=print, progress=True
 
 def main(argv: list[str] | None = None) -> int:
     """`kl-nontarget powerlaw ...`: 0 on success, 2 for bad input (one message on stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-
-    def parse_and_run() -> int:
-        run = parse_args(argv, extra_types=(PowerLawArguments,), prog=PROG)
-        run_power_law(run, run.extras[0])
-        return 0
-
-    return run_command(PROG, parse_and_run)
+    return command_main(PROG, PowerLawArguments, run_power_law, argv)

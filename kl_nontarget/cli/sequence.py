@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kl_nontarget.cli.experiment import (
     RetentionArguments,
+    command_main,
     load_base,
     one_process,
     parse_ranks,
@@ -29,7 +29,7 @@ from kl_nontarget.cli.experiment import (
     tokenized_rows,
     train_steps,
 )
-from kl_nontarget.cli.sft import DEFAULT_TASK_LEARNING_RATE, SFTRun, parse_args, run_command
+from kl_nontarget.cli.sft import DEFAULT_TASK_LEARNING_RATE, SFTRun
 from kl_nontarget.cli.sft_data import InputError, default_task, load_data, resolve_model_path
 
 PROG = "kl-nontarget sequence"
@@ -165,11 +165,4 @@ def run_sequence_command(run: SFTRun, args: SequenceArguments, log=print, progre
 
 def main(argv: list[str] | None = None) -> int:
     """`kl-nontarget sequence ...`: 0 on success, 2 for bad input (one message on stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-
-    def parse_and_run() -> int:
-        run = parse_args(argv, extra_types=(SequenceArguments,), prog=PROG)
-        run_sequence_command(run, run.extras[0])
-        return 0
-
-    return run_command(PROG, parse_and_run)
+    return command_main(PROG, SequenceArguments, run_sequence_command, argv)

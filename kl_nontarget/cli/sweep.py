@@ -12,23 +12,24 @@ frontier.png and the adapters; the table is printed. The loop is the demos' (`kl
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kl_nontarget.cli.experiment import (
     RetentionArguments,
+    command_main,
     load_base,
     one_process,
     parse_list,
+    parse_presets,
     parse_ranks,
     parse_weights,
     retention_loader,
     tokenized_rows,
     train_steps,
 )
-from kl_nontarget.cli.sft import SFTRun, demo_task, has_data, parse_args, run_command
+from kl_nontarget.cli.sft import SFTRun, demo_task, has_data
 from kl_nontarget.cli.sft_data import InputError, load_datasets, resolve_model_path
 
 PROG = "kl-nontarget sweep"
@@ -76,12 +77,7 @@ class SweepArguments(RetentionArguments):
 
     def presets(self) -> tuple[str, ...] | None:
         """The target modules to compare, or None; InputError for an unknown preset."""
-        if self.target_presets is None:
-            return None
-        from kl_nontarget.models.architectures import PRESETS
-
-        return parse_list(self.target_presets, "target_presets", str, lambda t: t in PRESETS,
-                          f"presets ({', '.join(PRESETS)})")
+        return parse_presets(self.target_presets)
 
     def ranks(self) -> tuple[int, ...] | None:
         return None if self.lora_ranks is None else parse_ranks(self.lora_ranks)
@@ -169,12 +165,4 @@ def run_sweep(run: SFTRun, sweep: SweepArguments, log=print, progress=True) -> d
 
 def main(argv: list[str] | None = None) -> int:
     """`kl-nontarget sweep ...`: 0 on success, 2 for bad input (one message on stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-
-    def parse_and_sweep() -> int:
-        run = parse_args(argv, extra_types=(SweepArguments,), prog=PROG)
-        (sweep,) = run.extras
-        run_sweep(run, sweep)  # checks the sweep's options first
-        return 0
-
-    return run_command(PROG, parse_and_sweep)
+    return command_main(PROG, SweepArguments, run_sweep, argv)
