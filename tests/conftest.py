@@ -4,6 +4,14 @@ import pytest
 
 # Triton's interpreter must be on before triton is first imported: the kernels then run on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+_INTERPRET = os.environ["TRITON_INTERPRET"]
+
+
+@pytest.fixture(autouse=True)
+def _environment_kept():
+    """Fails the test that changes TRITON_INTERPRET for the rest of the run (every later Triton test would fail)."""
+    yield
+    assert os.environ.get("TRITON_INTERPRET") == _INTERPRET, "this test changed TRITON_INTERPRET and did not restore it"
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -161,12 +162,15 @@ def check_script(path: Path, args: list[str]) -> None:
     spec = importlib.util.spec_from_file_location(f"docs_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    if hasattr(module, "parse_args"):
-        module.parse_args(args)  # SystemExit on a bad option
+    # A script may set its environment at import (kernel_report.py drops TRITON_INTERPRET): keep it from leaking into
+    # the tests that run after this one.
+    with mock.patch.dict(os.environ):
+        try:
+            spec.loader.exec_module(module)
+            if hasattr(module, "parse_args"):
+                module.parse_args(args)  # SystemExit on a bad option
+        finally:
+            sys.path.remove(str(path.parent))
 
 
 def _ci_command() -> str:
