@@ -69,9 +69,9 @@ def main(argv=None):
     out = Path(args.out)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    train_n, test_n = (16, 8) if args.quick else (48, 16)
+    train_n, test_n = (16, 8) if args.quick else (32, 16)
     seeds = 1 if args.quick else args.seeds
-    steps = 8 if args.quick else 24
+    steps = 8 if args.quick else 16
     # Disjoint names per file: the held-out questions ask about people never trained on.
     pool = Names()
     stages, evals = [], []
@@ -81,17 +81,18 @@ def main(argv=None):
     people = write_task(data / "people.jsonl", pool.take(train_n), "people", None, seed=30)
     people_eval = write_task(data / "people-eval.jsonl", pool.take(2 * test_n), "people", None, seed=31)
     common = ["--model_name_or_path", "smollm2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-              "--max_length", "128", "--retention_samples", "8" if args.quick else "16", "--seeds", str(seeds),
-              "--report_to", "none"]
+              "--max_length", "128", "--retention_samples", "8" if args.quick else "16", "--report_to", "none"]
+    # Seeds where the comparison is close (the presets); one seed for the sequence and the power law, whose effects
+    # are large next to the seed-to-seed spread, and whose fit reports its own (bootstrap) uncertainty.
     commands = {
         "sequence": ["sequence", "--stages", ",".join(map(str, stages)), "--eval_stages", ",".join(map(str, evals)),
-                     "--lora_ranks", "4,16", "--kl_weights", "0,0.3", "--max_steps", str(steps)],
+                     "--lora_ranks", "4,16", "--kl_weights", "0,0.3", "--max_steps", str(steps), "--seeds", "1"],
         "presets": ["sweep", "--dataset_name", str(people), "--eval_dataset", str(people_eval), "--task_name",
                     "people", "--kl_weights", "0,0.3,1", "--target_presets", "attention,mlp_up_gate,all-linear",
-                    "--learning_rates", "1e-3,3e-3", "--max_steps", str(steps)],
+                    "--max_steps", str(steps), "--seeds", str(seeds)],
         "powerlaw": ["powerlaw", "--dataset_name", str(people), "--lora_ranks", "1,4,16", "--target_presets",
                      "attention,all-linear", "--measure_steps", "2,4,8" if args.quick else "4,8,16,32",
-                     "--kl_weights", "0,0.3", "--max_steps", "8" if args.quick else "32"],
+                     "--kl_weights", "0,0.3", "--max_steps", "8" if args.quick else "32", "--seeds", "1"],
     }
     summary = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "torch_threads": torch.get_num_threads()},

@@ -148,7 +148,7 @@ VARIANTS: dict[str, Variant] = {
     "dora": Variant("DoRA: LoRA's direction with a trained magnitude per output", _lora(use_dora=True)),
     "rslora": Variant("rsLoRA: LoRA scaled by alpha / sqrt(r)", _lora(use_rslora=True)),
     "pissa": Variant("PiSSA: A, B from the top-r singular vectors; the base keeps the residual",
-                     _lora(init_lora_weights="pissa")),
+                     _lora(init_lora_weights="pissa_niter_4")),
     "olora": Variant("OLoRA: A, B from a QR factor of W; the base keeps the residual",
                      _lora(init_lora_weights="olora")),
     "loraplus": Variant("LoRA+: LoRA whose B matrices learn 16x faster", _lora(), loraplus_ratio=16.0),
