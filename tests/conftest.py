@@ -4,6 +4,10 @@ import pytest
 
 # Triton's interpreter must be on before triton is first imported: the kernels then run on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (`-n 2`, the CI command) each worker has one core: one thread each, or two workers' thread pools
+# oversubscribe the cores and every torch op slows down many times. Set before torch is first imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 _INTERPRET = os.environ["TRITON_INTERPRET"]
 
 
