@@ -84,6 +84,12 @@ def _failed_ranks(summary: str) -> dict[int, str]:
     return found
 
 
+def _root_cause(summary: str) -> int | None:
+    """The rank torchrun names as the first observed failure (the others may just have been stopped after it)."""
+    found = re.search(r"Root Cause.*?rank\s*:\s*(\d+)", summary, re.S)
+    return int(found.group(1)) if found else None
+
+
 def launch(script: str, out, *args: str, ranks: int = 2, timeout: int = TIMEOUT) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +109,8 @@ def launch(script: str, out, *args: str, ranks: int = 2, timeout: int = TIMEOUT)
     if code != 0 or timed_out:
         failed = _failed_ranks(stderr)
         logs = _rank_logs(log_dir)
-        order = sorted(logs, key=lambda r: (r not in failed, r))
+        first = _root_cause(stderr)
+        order = sorted(logs, key=lambda r: (r != first, r not in failed, r))
         what = f"timed out after {timeout} s (every rank's stacks follow)" if timed_out else "failed"
         report = [f"{Path(script).name} on {ranks} ranks {what} (torchrun exit code {code}); failing ranks: "
                   + (", ".join(f"rank {r} ({how})" for r, how in sorted(failed.items())) or "unknown")]

@@ -6,6 +6,7 @@ same global batches (uneven supervised-token counts per rank).
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -82,7 +83,8 @@ def test_launch_reports_the_failing_rank(tmp_path, death, code):
         launch(script, tmp_path / "out", timeout=120)
     message = str(failure.value)
     assert f"rank 1 ({code})" in message and "rank one says goodbye" in message
-    assert message.index("===== rank 1 (FAILED)") < message.index("===== rank 0 =====")
+    # Rank 0 may still be starting when rank 1 dies, and then torchrun stops it: failed too, but listed after.
+    assert message.index("===== rank 1 (FAILED)") < re.search(r"===== rank 0( \(FAILED\))? =====", message).start()
 
 
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero3", "DEEPSPEED")])
