@@ -10,7 +10,7 @@ The module presets and the power law train on all six questions with English ans
 
 Runs, in `--out`: `sequence/` (kl-nontarget sequence, ranks 4 and 16, plain and non-target KL 0.3), `presets/`
 (kl-nontarget sweep --target_presets attention,mlp_up_gate,all-linear, plain and non-target KL 0.3 and 1) and
-`powerlaw/` (kl-nontarget powerlaw, ranks 1, 4, 16 on attention and all-linear, 4 to 32 steps, plain and 0.3); then
+`powerlaw/` (kl-nontarget powerlaw, ranks 1, 4, 16 on attention and all-linear, 4 to 16 steps, plain and 0.3); then
 `summary.json` with each command's wall time, the machine and the versions. `--quick`: one seed, fewer steps and
 examples (a smoke run of the script).
 """
@@ -91,8 +91,8 @@ def main(argv=None):
                     "people", "--kl_weights", "0,0.3,1", "--target_presets", "attention,mlp_up_gate,all-linear",
                     "--max_steps", str(steps), "--seeds", str(seeds)],
         "powerlaw": ["powerlaw", "--dataset_name", str(people), "--lora_ranks", "1,4,16", "--target_presets",
-                     "attention,all-linear", "--measure_steps", "2,4,8" if args.quick else "4,8,16,32",
-                     "--kl_weights", "0,0.3", "--max_steps", "8" if args.quick else "32", "--seeds", "1"],
+                     "attention,all-linear", "--measure_steps", "2,4,8" if args.quick else "4,8,12,16",
+                     "--kl_weights", "0,0.3", "--max_steps", "8" if args.quick else "16", "--seeds", "1"],
     }
     summary = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "torch_threads": torch.get_num_threads()},
