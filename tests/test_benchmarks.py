@@ -115,3 +115,27 @@ def test_gpu_run_script_refuses_cleanly_without_cuda(tmp_path):
     assert "no CUDA device" in proc.stdout and "Nothing was run" in proc.stdout
     assert "no CUDA device" in (tmp_path / "out" / "summary.txt").read_text()
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_variants_table_interpolates_along_the_non_target_frontier(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import variants_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def row(method, weight, seed, target, forgetting):
+        return {"task": "people", "variant": "dora", "method": method, "kl_weight": weight, "seed": seed,
+                "target_loss": target, "forgetting": forgetting}
+
+    # Plain (0.1, 0.8) and the non-target KL at 0.3 (0.2, 0.3) and 1 (0.4, 0.1), two seeds that average to these.
+    runs = [row("lora", 0, s, 0.1 + d, 0.8 - d) for s, d in ((0, 0.01), (1, -0.01))]
+    runs += [row("nontarget_kl", 0.3, 0, 0.2, 0.3), row("nontarget_kl", 1, 0, 0.4, 0.1)]
+    runs += [row("full_kl", 0.3, 0, 0.3, 0.4), row("full_kl", 1, 0, 0.9, 0.05)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"runs": runs}))
+    variants_table.main([str(path)])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    # At 0.3, halfway from (0.2, 0.3) to (0.4, 0.1): 0.2, so the full KL forgets 2x more; 0.9 is past the frontier.
+    assert "λ 0.3: 0.200 (2.0x)" in line and "λ 1: 0.100 (0.5x) (edge)" in line
+    assert "| 0.100, 0.800 |" in line
