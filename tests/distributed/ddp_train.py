@@ -40,12 +40,17 @@ def main():
     parser.add_argument("--zero", type=int, default=0, help="DeepSpeed ZeRO stage (0: no DeepSpeed)")
     parser.add_argument("--ref_model", action="store_true", help="a separate ref_model: the base model")
     parser.add_argument("--chunk_bytes", type=int, default=0, help="the fused loss's CPU chunk budget (0: default)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the Trainer's own device and backend (benchmarks/gpu_run.sh, ZeRO-3 on 1 GPU)")
     args = parser.parse_args()
     counter = None
     if args.zero:
         from zero_train import Counter, start_deepspeed
 
-        start_deepspeed()
+        if args.device == "cpu":
+            start_deepspeed()
+        else:  # on a GPU the Trainer starts DeepSpeed on its CUDA accelerator itself; Counter needs it imported
+            import deepspeed.runtime.zero  # noqa: F401
         counter = Counter()  # the fused loss's gathers and chunks over the whole run
     if args.chunk_bytes:
         import kl_nontarget.ops.linear_loss as linear_loss
@@ -85,8 +90,9 @@ def main():
         output_dir=os.path.join(args.out, "trainer"), per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.accum, max_steps=args.steps, learning_rate=0.5, optim="sgd",
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_drop_last=True,
-        remove_unused_columns=False, ddp_backend="gloo" if "RANK" in os.environ else None, deepspeed=deepspeed)
+        save_strategy="no", report_to=[], use_cpu=args.device == "cpu", seed=0, dataloader_drop_last=True,
+        remove_unused_columns=False, ddp_backend="gloo" if "RANK" in os.environ and args.device == "cpu" else None,
+        deepspeed=deepspeed)
     ref_model = tiny_llama(seed=0) if args.ref_model else None
     trainer = SequentialTrainer(model=model, args=training_args, train_dataset=data, data_collator=collate,
                                 kl_weight=1.0, ref_model=ref_model)
