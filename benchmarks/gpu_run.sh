@@ -8,7 +8,7 @@
 # into a scratch folder first, never into the image's environment. The repository is not pip-installed either: a
 # scratch copy of the package, with kernels/ placed where it ships (kl_nontarget.kernels), goes on PYTHONPATH.
 #
-# Each step has its own time limit (together under 8 minutes) and its log under $OUT; a failed step is recorded in
+# Each step has its own time limit (together under 9 minutes) and its log under $OUT; a failed step is recorded in
 # $OUT/summary.txt and the next one still runs. Exit status: 0 when every step passed, 1 otherwise, 2 when there is
 # no CUDA device (nothing is run).
 set -uo pipefail
@@ -16,13 +16,16 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$ROOT/gpu-out}"
 PY="${PYTHON:-python3}"
-# Ceilings in seconds per step (tests, kernel grid at N=4096 and N=16384, training step, block-size check):
-# 60 + 120 + 150 + 90 + 30 = 450, plus set-up, under 8 minutes. torch.compile once per shape is most of the grid's time.
+# Ceilings in seconds per step (tests, kernel grid at N=4096 and N=16384, training step, block-size check, ZeRO-3
+# Trainer): 60 + 120 + 150 + 90 + 30 + 60 = 510, plus set-up, under 9 minutes. torch.compile once per shape is most
+# of the grid's time.
 T_TESTS="${T_TESTS:-60}"
 T_KERNEL_SMALL="${T_KERNEL_SMALL:-120}"
 T_KERNEL_LARGE="${T_KERNEL_LARGE:-150}"
 T_STEP="${T_STEP:-90}"
 T_BLOCK="${T_BLOCK:-30}"
+# NonTargetKLTrainer under DeepSpeed ZeRO-3 on one GPU (only where deepspeed imports: a carried wheel).
+T_ZERO3="${T_ZERO3:-60}"
 # IMPLS="kl_nontarget_triton eager" runs a subset of bench_kernel.py's implementations (default: all of them).
 IMPLS="${IMPLS:-}"
 
@@ -111,6 +114,18 @@ step bench-kernel-block8192 "$T_BLOCK" "$PY" "$ROOT/benchmarks/bench_kernel.py" 
 
 # 3. one LoRA training step, plain SFT vs SFT + non-target KL (trl harness where trl imports, else transformers).
 step bench-step "$T_STEP" "$PY" "$ROOT/benchmarks/bench_step.py" --device cuda --harness auto --out "$OUT/results.json"
+
+# 4. the Trainer under accelerate's DeepSpeed plugin, ZeRO-3 on 1 GPU: the script the CPU tests run on 2 gloo ranks
+#    (tests/distributed/ddp_train.py --zero 3); it records that a DeepSpeedEngine trained with the head partitioned.
+if "$PY" -c "import deepspeed, trl, datasets" 2>/dev/null; then
+    step zero3-trainer "$T_ZERO3" bash -c "cd '$STAGE' && '$PY' -m torch.distributed.run --nproc_per_node 1 \
+        '$ROOT/tests/distributed/ddp_train.py' '$OUT/zero3' --batch 4 --zero 3 --device cuda \
+        && '$PY' -c \"import json, sys; z = json.load(open(sys.argv[1]))['zero']; print(z); \
+sys.exit(0 if z['engine'] == 'DeepSpeedEngine' and z['head_partitioned'] and z['gathers'] == 3 else 1)\" \
+        '$OUT/zero3/logs_rank0.json'"
+else
+    note "zero3-trainer: SKIPPED, deepspeed, trl or datasets is not importable (carry their wheels in .whl/)"
+fi
 
 note "results under $OUT; copy results.json to benchmarks/results/<device-slug>.json with the README tables"
 exit $FAILED

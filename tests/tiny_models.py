@@ -42,14 +42,16 @@ def _save_and_load(model, path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def tiny_llama(path=None, *, seed=0, vocab_size=VOCAB_SIZE, hidden_size=32, num_layers=2, **config_kwargs):
-    """A tiny LlamaForCausalLM in float32; saved to and loaded from `path` when given."""
+def tiny_llama(path=None, *, seed=0, vocab_size=VOCAB_SIZE, hidden_size=32, num_layers=2,
+               tie_word_embeddings=False, **config_kwargs):
+    """A tiny LlamaForCausalLM in float32 (its LM head the input embedding with `tie_word_embeddings`); saved to and
+    loaded from `path` when given."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=False, **config_kwargs)
+                         tie_word_embeddings=tie_word_embeddings, **config_kwargs)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     _scale_lm_head(model)

@@ -11,10 +11,16 @@ import torch
 from torch import nn
 
 
+def _is_deepspeed_engine(model: nn.Module) -> bool:
+    """A DeepSpeed engine (the Trainer and `trl.models.prepare_deepspeed` wrap models, a ref_model included, in
+    one), recognised by class without importing deepspeed."""
+    return any(c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed.") for c in type(model).__mro__)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DataParallel / DistributedDataParallel / torch.compile wrappers (not PEFT)."""
+    """Strip DataParallel / DistributedDataParallel / DeepSpeedEngine / torch.compile wrappers (not PEFT)."""
     while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or _is_deepspeed_engine(model):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod

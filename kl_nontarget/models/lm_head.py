@@ -112,11 +112,16 @@ def fused_heads(model: nn.Module, ref_model: nn.Module | None = None
     if (ref.logit_scale, ref.softcap) != (found.logit_scale, found.softcap):
         return None, "ref_model transforms its logits differently from the model"
     w, rw = found.module.weight, ref.module.weight
-    if rw.shape != w.shape or rw.device != w.device:
+    if _full_shape(rw) != _full_shape(w) or rw.device != w.device:
         return None, "ref_model's LM head differs in shape or device from the model's"
     if (found.module.bias is not None or ref.module.bias is not None) and found.module.bias is not ref.module.bias:
         return None, "the LM heads have biases that are not shared"
     return (found, ref), ""
+
+
+def _full_shape(weight: torch.Tensor) -> torch.Size:
+    """The whole shape of a parameter: a ZeRO-3 partition keeps it in `ds_shape` (its own shape is empty)."""
+    return getattr(weight, "ds_shape", weight.shape)
 
 
 class _HeadInput:
@@ -181,19 +186,33 @@ def head_input_captured(head: nn.Module, owner: nn.Module | None = None):
 
 
 
+def _gathered_parameters():
+    """DeepSpeed's `GatheredParameters` context, from the module that defines it.
+
+    `deepspeed.zero` is an attribute of the package, not an importable module: `from deepspeed.zero import ...`
+    raises ModuleNotFoundError (deepspeed 0.19), and swallowing that once made the loss compute with empty shards.
+    """
+    try:
+        from deepspeed.runtime.zero import GatheredParameters
+    except ImportError as error:  # pragma: no cover - ds_id without an importable deepspeed
+        raise RuntimeError("the LM head is partitioned by DeepSpeed ZeRO-3 (its parameters have ds_id), but "
+                           f"deepspeed.runtime.zero.GatheredParameters cannot be imported ({error}): the fused-linear "
+                           "loss would read empty shards. Pass fused_linear=False to use the logits") from error
+    return GatheredParameters
+
+
 @contextlib.contextmanager
 def _zero3_gathered(params):
-    """DeepSpeed ZeRO-3: gather the partitioned `params` (read-only) for the enclosed code. Untested here."""
+    """DeepSpeed ZeRO-3: gather the partitioned `params` (read-only) for the enclosed code, in one call.
+
+    One gather per loss call: the chunk loop of `nontarget_kl_linear_loss` runs inside the context and reads the
+    gathered tensors (tests/distributed/zero_train.py counts the gathers).
+    """
     parts = [p for p in params if p is not None and hasattr(p, "ds_id")]
-    gather = None
-    if parts:
-        try:
-            from deepspeed.zero import GatheredParameters
-        except ImportError:  # pragma: no cover - ds_id without deepspeed
-            GatheredParameters = None
-        if GatheredParameters is not None:
-            gather = GatheredParameters(parts, modifier_rank=None)
-    with gather if gather is not None else contextlib.nullcontext():
+    if not parts:
+        yield
+        return
+    with _gathered_parameters()(parts, modifier_rank=None):
         yield
 
 

@@ -64,6 +64,11 @@ def static_blocker(trainer) -> str | None:
     if trainer._overrides_regularized_loss():
         return f"{type(trainer).__name__} overrides compute_regularized_loss, which needs the base logits"
     unwrapped = unwrap_model(trainer.model)
+    if _zero3(trainer):
+        # The cache is keyed by a hash of the base weights, which a ZeRO-3 rank holds only a shard of (an empty
+        # tensor per parameter): the key would not identify the model.
+        return ("the model is partitioned by DeepSpeed ZeRO-3 (the cache's fingerprint needs the whole base "
+                "weights)")
     heads, reason = step_heads(unwrapped, trainer.ref_model, trainer.options)
     if heads is None:
         return f"the fused-linear path is not available ({reason}); the cache stores hidden states, not logits"
@@ -75,6 +80,17 @@ def static_blocker(trainer) -> str | None:
     if trainer.args.world_size > 1:
         return "several processes train (the cache is single-process for now)"
     return None
+
+
+def _zero3(trainer) -> bool:
+    """Whether the trainer trains under DeepSpeed ZeRO stage 3, or its models' parameters are partitioned already."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+        config = getattr(plugin, "deepspeed_config", None) or {}
+        if str(config.get("zero_optimization", {}).get("stage", getattr(plugin, "zero_stage", ""))) == "3":
+            return True
+    models = [trainer.model] + ([trainer.ref_model] if trainer.ref_model is not None else [])
+    return any(hasattr(p, "ds_id") for m in models for p in m.parameters())
 
 
 class BasePrecompute:

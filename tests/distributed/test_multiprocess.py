@@ -55,6 +55,35 @@ def test_ddp_trainer_equals_single_process(single, tmp_path, batch, accum):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("extra", [["--chunk_bytes", "6144"], ["--ref_model"]], ids=["chunked", "ref_model"])
+def test_deepspeed_zero3_trainer_equals_single_process(single, tmp_path, extra):
+    # NonTargetKLTrainer itself under accelerate's DeepSpeed plugin (ZeRO-3 on DeepSpeed's CPU accelerator, gloo):
+    # the same weights and logs as one process without DeepSpeed. "chunked": a chunk budget of 4 rows, so each
+    # step's fused loss runs several chunks; "ref_model": the base model passed separately (its own engine).
+    pytest.importorskip("deepspeed")
+    out = launch("ddp_train.py", tmp_path, "--batch", "2", "--zero", "3", *extra)
+    assert _max_diff(single, out) < 1e-5  # measured: 1.8e-7
+    ref = _kl_logs(_read(single / "logs_rank0.json"))
+    for rank in (0, 1):
+        info = _read(out / f"logs_rank{rank}.json")
+        zero = info["zero"]
+        # DeepSpeed really ran (not a silent fall-back to DDP) and the head was an empty shard outside its uses.
+        assert info["world_size"] == 2 and zero["deepspeed_enabled"] and zero["engine"] == "DeepSpeedEngine"
+        assert zero["head_partitioned"]
+        # The fused path ran, gathering the head once per step (3 steps), never per chunk.
+        assert zero["gathers"] == 3
+        if "--ref_model" in extra:
+            assert zero["ref_engine"] == "DeepSpeedEngine"
+        else:
+            assert zero["chunks"] >= 6
+        assert "ZeRO-3" in zero["precompute_blocker"]
+        got = _kl_logs(info)
+        assert len(got) == len(ref) == 3
+        for g, r in zip(got, ref):
+            assert g == pytest.approx(r, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_fsdp2_sharded_base_pass_equals_single_process(tmp_path):
     one = launch("fsdp_base_pass.py", tmp_path / "one", ranks=1)
     two = launch("fsdp_base_pass.py", tmp_path / "two")
