@@ -1,6 +1,10 @@
+import importlib.util
 import os
 
 import pytest
+
+# tests/axolotl/ runs in axolotl's own environment (its pins conflict with this package's; tests/axolotl/run.sh).
+collect_ignore = [] if importlib.util.find_spec("axolotl") else ["axolotl"]
 
 # Triton's interpreter must be on before triton is first imported: the kernels then run on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
