@@ -19,8 +19,9 @@ RECORDER = "recorder.RecorderPlugin"
 
 # What the tests change in examples/axolotl.yaml: the tiny model and data of a temp folder, a CPU-sized run, and a
 # learning rate large enough that the adapter moves off zero by step 2 (so the KL and its gradient are not zero).
-CPU_RUN = dict(sequence_len=128, micro_batch_size=4, max_steps=3, learning_rate=0.02, dataloader_num_workers=0,
-               save_safetensors=True, bf16=False, fp16=False, tf32=False, use_tensorboard=False)
+CPU_RUN = dict(dataset_num_proc=1, sequence_len=128, micro_batch_size=4, max_steps=3, learning_rate=0.02,
+               dataloader_num_workers=0, save_safetensors=True, bf16=False, fp16=False, tf32=False,
+               use_tensorboard=False)
 
 
 def alpaca_rows(n=12, seed=7):

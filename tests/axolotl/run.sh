@@ -8,4 +8,6 @@ python3 -m venv .venv-axolotl
 .venv-axolotl/bin/pip install -q torch==2.13.0
 .venv-axolotl/bin/pip install -q axolotl==0.19.0 pytest
 .venv-axolotl/bin/pip install -q --no-deps -e .
-HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 .venv-axolotl/bin/python -m pytest -q tests/axolotl
+# .venv-axolotl/bin/pytest, not python -m pytest: the root folder on sys.path would make kernels/ (shipped as
+# kl_nontarget.kernels) shadow the PyPI package `kernels`, which transformers imports when it is installed.
+HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 .venv-axolotl/bin/pytest -q tests/axolotl

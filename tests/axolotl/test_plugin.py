@@ -18,6 +18,9 @@ from axolotl_runs import PLUGIN, RECORDER, example_config, load_config, run_axol
 # float32 on CPU, the same code on both sides: the loss to 1e-6 relative, gradients to 1e-5 relative.
 LOSS_TOL = dict(rtol=1e-6, atol=1e-7)
 GRAD_TOL = dict(rtol=1e-5, atol=1e-8)
+# kl_weight 0 against the model's own cross-entropy: two computations of one loss, float32 rounding apart.
+PLAIN_LOSS_TOL = dict(rtol=1e-6, atol=1e-6)
+PLAIN_GRAD_TOL = dict(rtol=1e-5, atol=1e-7)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +30,10 @@ def kl_run(axolotl_dir):
 
 @pytest.fixture(scope="module")
 def zero_and_plain_runs(axolotl_dir):
-    zero = run_axolotl(example_config(axolotl_dir, "kl0", kl_weight=0.0))
-    plain = run_axolotl(example_config(axolotl_dir, "plain", plugins=(RECORDER,)))
+    # SGD: Adam's first steps are about lr * sign(gradient), which turns float rounding in a gradient element near
+    # zero into a full-size update; SGD keeps the two runs' parameters as close as their gradients.
+    zero = run_axolotl(example_config(axolotl_dir, "kl0", kl_weight=0.0, optimizer="sgd"))
+    plain = run_axolotl(example_config(axolotl_dir, "plain", plugins=(RECORDER,), optimizer="sgd"))
     return zero, plain
 
 
@@ -81,6 +86,8 @@ def test_axolotl_builds_its_trainer_with_the_regularizer(kl_run):
     assert (labels == -100).any() and (labels != -100).any()
 
 
+# The reference trainer is built on an adapter that has moved (steps 2, 3): that is the point, not a mistake.
+@pytest.mark.filterwarnings("ignore::kl_nontarget.models.reference.TrainedAdapterWarning")
 def test_every_step_equals_nontarget_kl_trainer(kl_run, axolotl_dir, tmp_path):
     cfg, _, steps = kl_run
     report = []
@@ -106,12 +113,14 @@ def test_kl_weight_zero_reproduces_plain_axolotl(zero_and_plain_runs):
     for i, (a, b) in enumerate(zip(zero, plain)):
         for key, value in b["inputs"].items():
             assert torch.equal(a["inputs"][key], value), f"step {i + 1}: {key}"
-        torch.testing.assert_close(a["params"], b["params"], rtol=1e-5, atol=1e-7, msg=f"step {i + 1}")
-        torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-7, msg=f"step {i + 1}")
-        torch.testing.assert_close(a["grads"], b["grads"], rtol=1e-4, atol=1e-7, msg=f"step {i + 1}")
-        report.append(dict(step=i + 1, loss_diff=float((a["loss"] - b["loss"]).abs()),
+        report.append(dict(step=i + 1, loss=float(b["loss"]), loss_diff=float((a["loss"] - b["loss"]).abs()),
+                           param_max_diff=_max_diff(a["params"], b["params"]),
                            grad_max_diff=_max_diff(a["grads"], b["grads"])))
     print("\nkl_weight 0 vs plain axolotl:", json.dumps(report))
+    for i, (a, b) in enumerate(zip(zero, plain)):
+        torch.testing.assert_close(a["params"], b["params"], **GRAD_TOL, msg=f"step {i + 1}: parameters")
+        torch.testing.assert_close(a["loss"], b["loss"], **PLAIN_LOSS_TOL, msg=f"step {i + 1}: loss")
+        torch.testing.assert_close(a["grads"], b["grads"], **PLAIN_GRAD_TOL, msg=f"step {i + 1}: gradients")
 
 
 def test_the_saved_adapter_loads_in_plain_peft(kl_run, axolotl_dir):
