@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,3 +86,41 @@ def run_axolotl(path: Path):
     dataset_meta = load_datasets(cfg=cfg)
     _, _, trainer = train(cfg=cfg, dataset_meta=dataset_meta)
     return cfg, trainer, RecorderPlugin.steps
+
+
+# float32 on CPU, the same code on both sides: the loss to 1e-6 relative, gradients to 1e-5 relative.
+LOSS_TOL = dict(rtol=1e-6, atol=1e-7)
+GRAD_TOL = dict(rtol=1e-5, atol=1e-8)
+# kl_weight 0 against the model's own cross-entropy: two computations of one loss, float32 rounding apart.
+PLAIN_LOSS_TOL = dict(rtol=1e-6, atol=1e-6)
+PLAIN_GRAD_TOL = dict(rtol=1e-5, atol=1e-7)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between same-named tensors of `a` and `b`."""
+    assert a.keys() == b.keys() and a
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+def reference_step(axolotl_dir, cfg, step, tmp_path):
+    """`NonTargetKLTrainer.compute_loss` and its gradients on a recorded step: the same batch, `num_items_in_batch`
+    and adapter weights, on a fresh copy of the base model with the adapter axolotl saved (plain PEFT)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from kl_nontarget import NonTargetKLTrainer
+
+    base = AutoModelForCausalLM.from_pretrained(str(axolotl_dir / "model"), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, cfg.output_dir, is_trainable=True)
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for name, value in step["params"].items():
+            named[name].copy_(value)
+    model.train()
+    args = TrainingArguments(str(tmp_path / "ref"), use_cpu=True, report_to="none", max_steps=1)
+    trainer = NonTargetKLTrainer(model=model, args=args, kl_weight=cfg.kl_weight, temperature=cfg.kl_temperature,
+                                 kl_direction=cfg.kl_direction)
+    loss = trainer.compute_loss(model, dict(step["inputs"]), num_items_in_batch=step["num_items"])
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, trainer.component_log.sums("train")

@@ -13,14 +13,19 @@ import json
 import pytest
 import torch
 
-from axolotl_runs import PLUGIN, RECORDER, example_config, load_config, run_axolotl
-
-# float32 on CPU, the same code on both sides: the loss to 1e-6 relative, gradients to 1e-5 relative.
-LOSS_TOL = dict(rtol=1e-6, atol=1e-7)
-GRAD_TOL = dict(rtol=1e-5, atol=1e-8)
-# kl_weight 0 against the model's own cross-entropy: two computations of one loss, float32 rounding apart.
-PLAIN_LOSS_TOL = dict(rtol=1e-6, atol=1e-6)
-PLAIN_GRAD_TOL = dict(rtol=1e-5, atol=1e-7)
+from axolotl_runs import (
+    GRAD_TOL,
+    LOSS_TOL,
+    PLAIN_GRAD_TOL,
+    PLAIN_LOSS_TOL,
+    PLUGIN,
+    RECORDER,
+    example_config,
+    load_config,
+    max_diff,
+    reference_step,
+    run_axolotl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,35 +40,6 @@ def zero_and_plain_runs(axolotl_dir):
     zero = run_axolotl(example_config(axolotl_dir, "kl0", kl_weight=0.0, optimizer="sgd"))
     plain = run_axolotl(example_config(axolotl_dir, "plain", plugins=(RECORDER,), optimizer="sgd"))
     return zero, plain
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys() and a
-    return max(float((a[n] - b[n]).abs().max()) for n in a)
-
-
-def _reference_step(axolotl_dir, cfg, step, tmp_path):
-    """`NonTargetKLTrainer.compute_loss` and its gradients on a recorded step: the same batch, `num_items_in_batch`
-    and adapter weights, on a fresh copy of the base model with the adapter axolotl saved (plain PEFT)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, TrainingArguments
-
-    from kl_nontarget import NonTargetKLTrainer
-
-    base = AutoModelForCausalLM.from_pretrained(str(axolotl_dir / "model"), dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, cfg.output_dir, is_trainable=True)
-    with torch.no_grad():
-        named = dict(model.named_parameters())
-        for name, value in step["params"].items():
-            named[name].copy_(value)
-    model.train()
-    args = TrainingArguments(str(tmp_path / "ref"), use_cpu=True, report_to="none", max_steps=1)
-    trainer = NonTargetKLTrainer(model=model, args=args, kl_weight=cfg.kl_weight, temperature=cfg.kl_temperature,
-                                 kl_direction=cfg.kl_direction)
-    loss = trainer.compute_loss(model, dict(step["inputs"]), num_items_in_batch=step["num_items"])
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return loss.detach(), grads, trainer.component_log.sums("train")
 
 
 def test_axolotl_builds_its_trainer_with_the_regularizer(kl_run):
@@ -92,8 +68,8 @@ def test_every_step_equals_nontarget_kl_trainer(kl_run, axolotl_dir, tmp_path):
     cfg, _, steps = kl_run
     report = []
     for i, step in enumerate(steps):
-        loss, grads, sums = _reference_step(axolotl_dir, cfg, step, tmp_path)
-        loss_diff, grad_diff = float((loss - step["loss"]).abs()), _max_diff(grads, step["grads"])
+        loss, grads, sums = reference_step(axolotl_dir, cfg, step, tmp_path)
+        loss_diff, grad_diff = float((loss - step["loss"]).abs()), max_diff(grads, step["grads"])
         report.append(dict(step=i + 1, loss=float(loss), kl=float(sums["kl"]), loss_diff=loss_diff,
                            grad_max_diff=grad_diff, grad_max=max(float(g.abs().max()) for g in grads.values())))
         torch.testing.assert_close(step["loss"], loss, **LOSS_TOL, msg=f"step {i + 1}")
@@ -114,8 +90,8 @@ def test_kl_weight_zero_reproduces_plain_axolotl(zero_and_plain_runs):
         for key, value in b["inputs"].items():
             assert torch.equal(a["inputs"][key], value), f"step {i + 1}: {key}"
         report.append(dict(step=i + 1, loss=float(b["loss"]), loss_diff=float((a["loss"] - b["loss"]).abs()),
-                           param_max_diff=_max_diff(a["params"], b["params"]),
-                           grad_max_diff=_max_diff(a["grads"], b["grads"])))
+                           param_max_diff=max_diff(a["params"], b["params"]),
+                           grad_max_diff=max_diff(a["grads"], b["grads"])))
     print("\nkl_weight 0 vs plain axolotl:", json.dumps(report))
     for i, (a, b) in enumerate(zip(zero, plain)):
         torch.testing.assert_close(a["params"], b["params"], **GRAD_TOL, msg=f"step {i + 1}: parameters")
