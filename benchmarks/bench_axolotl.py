@@ -13,7 +13,9 @@ Rows ("harness", "impl"):
   transformers  plain / kl: bench_step.py's arms (transformers.Trainer on a PEFT model / NonTargetKLTrainer)
 "time_ratio" and "peak_ratio" are kl against plain within a harness; the goal is axolotl's ratio within 5% of the
 library trainer's. Steps are timed from on_step_begin to on_step_end (bench_step.StepMeter), the median of the
-measured steps after warm-up.
+measured steps after warm-up, in wall time ("ms") and CPU time ("cpu_ms", `time.process_time`); "time_ratio" compares
+`--clock` (default the CPU time: with --threads 1 it measures the step's compute on a machine shared with other
+jobs, where wall time is mostly waiting), "wall_ratio" and "cpu_ratio" are both.
 
 Examples:
   .venv-axolotl/bin/python benchmarks/bench_axolotl.py --threads 1
@@ -27,8 +29,10 @@ import contextlib
 import io
 import json
 import os
+import statistics
 import sys
 import tempfile
+import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +48,28 @@ import bench_step as S  # noqa: E402
 PLUGIN = "kl_nontarget.integrations.axolotl.NonTargetKLPlugin"
 
 
+class CpuClockMeter(S.StepMeter):
+    """bench_step's StepMeter that also records each step's CPU time (`time.process_time`): with `--threads 1` it is
+    the step's compute, whatever else the machine runs, where the wall time of a shared CPU is mostly waiting."""
+
+    def __init__(self, device, warmup_steps):
+        super().__init__(device, warmup_steps)
+        self.cpu_times = []
+
+    def begin(self):
+        super().begin()
+        self._c0 = time.process_time()
+
+    def end(self):
+        self.cpu_times.append((time.process_time() - self._c0) * 1e3)
+        super().end()
+
+    def summary(self):
+        out = super().summary()
+        out["cpu_ms"] = statistics.median(self.cpu_times[self.warmup_steps:])
+        return out
+
+
 def axolotl_config(root, impl, args):
     """The axolotl config of one arm (a dict), for the model and data in `root`."""
     config = dict(base_model=os.path.join(root, "model"), datasets=[{"path": os.path.join(root, "data.jsonl"),
@@ -55,7 +81,8 @@ def axolotl_config(root, impl, args):
                   micro_batch_size=args.batch, gradient_accumulation_steps=1,
                   max_steps=args.warmup_steps + args.steps, num_epochs=1, optimizer="adamw_torch",
                   lr_scheduler="constant", learning_rate=1e-4, logging_steps=args.warmup_steps + args.steps,
-                  save_strategy="no", seed=args.seed, dataloader_num_workers=0, bf16=False, fp16=False, tf32=False)
+                  save_strategy="no", seed=args.seed, dataloader_num_workers=0, dataset_num_proc=1, bf16=False,
+                  fp16=False, tf32=False)
     if impl == "kl":
         config.update(plugins=[PLUGIN], kl_weight=args.kl_weight)
     return config
@@ -80,11 +107,12 @@ def run_axolotl_arm(root, impl, args):
     from axolotl.train import train
     from transformers import set_seed
 
-    meter = S.StepMeter("cpu", args.warmup_steps)
+    meter = CpuClockMeter("cpu", args.warmup_steps)
 
     class Meter(BasePlugin):
-        def add_callbacks_post_trainer(self, cfg, trainer):
-            return [meter.callback]
+        # post_trainer_create runs for every registered plugin (add_callbacks_post_trainer only with cfg.plugins).
+        def post_trainer_create(self, cfg, trainer):
+            trainer.add_callback(meter.callback)
 
     manager = PluginManager.get_instance()
     manager.plugins.clear()  # a process-wide singleton: no plugin of the other arm
@@ -117,15 +145,21 @@ def run(args):
                 if harness == "axolotl":
                     res = run_axolotl_arm(root, impl, args)
                 else:
-                    res = S.run_arm("transformers", impl, args, root)
-                row = dict(base, impl=impl, ms=res["ms"], peak_mb=C.finite_or_none(res["peak_mb"]),
-                           extra_mb=C.finite_or_none(res["extra_mb"]), steps=res["steps"], status="ok")
+                    S.StepMeter = CpuClockMeter  # bench_step's arm, with this meter
+                    try:
+                        res = S.run_arm("transformers", impl, args, root)
+                    finally:
+                        S.StepMeter = CpuClockMeter.__mro__[1]
+                row = dict(base, impl=impl, ms=res["ms"], cpu_ms=res["cpu_ms"],
+                           peak_mb=C.finite_or_none(res["peak_mb"]), extra_mb=C.finite_or_none(res["extra_mb"]),
+                           steps=res["steps"], status="ok")
                 if "trainer" in res:
                     row["trainer"] = res["trainer"]
                 results[impl] = row
                 rows.append(row)
             kl, plain = results["kl"], results["plain"]
-            kl["time_ratio"] = kl["ms"] / plain["ms"]
+            kl["time_ratio"] = kl[args.clock] / plain[args.clock]
+            kl["wall_ratio"], kl["cpu_ratio"] = kl["ms"] / plain["ms"], kl["cpu_ms"] / plain["cpu_ms"]
             if kl["peak_mb"] and plain["peak_mb"]:
                 kl["peak_ratio"] = kl["peak_mb"] / plain["peak_mb"]
     return rows
@@ -143,6 +177,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--clock", choices=("cpu_ms", "ms"), default="cpu_ms",
+                   help="what time_ratio compares: the steps' CPU time (default; with --threads 1, steady on a shared "
+                        "machine) or their wall time")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/axolotl-<cpu>.json)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
@@ -167,6 +204,10 @@ def main(argv=None):
     rows = run(args)
     print()
     S.print_table(rows)
+    for r in rows:
+        if r.get("cpu_ratio") is not None:
+            print(f"{r['harness']}: CPU ms/step {r['cpu_ms']:.1f}, regularized / plain: CPU {r['cpu_ratio']:.3f}x, "
+                  f"wall {r['wall_ratio']:.3f}x")
     ratios = {r["harness"]: r["time_ratio"] for r in rows if r.get("time_ratio") is not None}
     if len(ratios) == 2:
         rel = ratios["axolotl"] / ratios["transformers"]
