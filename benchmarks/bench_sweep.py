@@ -24,8 +24,9 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_step as S  # noqa: E402
 import torch  # noqa: E402
+
+import bench_step as S  # noqa: E402
 
 
 def run_all(args, cached, tmpdir):

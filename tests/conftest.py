@@ -1,6 +1,20 @@
+import importlib.metadata
 import os
 
 import pytest
+
+
+def _has_axolotl() -> bool:
+    # The installed distribution, not find_spec("axolotl"): tests/axolotl/ itself would pass for a namespace package.
+    try:
+        importlib.metadata.distribution("axolotl")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# tests/axolotl/ runs in axolotl's own environment (its pins conflict with this package's; tests/axolotl/run.sh).
+collect_ignore = [] if _has_axolotl() else ["axolotl"]
 
 # Triton's interpreter must be on before triton is first imported: the kernels then run on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")

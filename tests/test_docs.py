@@ -5,7 +5,9 @@
 - `bash` blocks: every `kl-nontarget` command goes through that command's own parser and option checks (a wrong
   option name or value fails), or, in a block marked `bash run`, runs to completion; the README's two commands are
   the ones `.ci/run` runs; other commands name files and scripts that exist;
-- `yaml` blocks are `kl-nontarget sft` config files and load through its parser;
+- `yaml` blocks are `kl-nontarget sft` config files and load through its parser; `yaml axolotl` blocks are axolotl
+  configs with the plugin: each is a part of examples/axolotl.yaml (which tests/axolotl/ trains in axolotl's own
+  environment) and its keys pass the plugin's schema (`NonTargetKLArgs`);
 - `text` blocks hold formulas and printed output, not code.
 """
 
@@ -238,7 +240,8 @@ def test_shell_commands_run(block, tmp_path):
 # yaml
 
 
-@pytest.mark.parametrize("block", [b for b in ALL_BLOCKS if b.language == "yaml"], ids=repr)
+@pytest.mark.parametrize("block", [b for b in ALL_BLOCKS if b.language == "yaml" and "axolotl" not in b.options],
+                         ids=repr)
 def test_yaml_blocks_are_sft_configs(block, tmp_path):
     from kl_nontarget.cli.sft import parse_args
 
@@ -246,6 +249,23 @@ def test_yaml_blocks_are_sft_configs(block, tmp_path):
     config.write_text(block.code)
     run = parse_args(["--config", str(config)])
     assert run.given, f"{block!r} sets nothing"
+
+
+AXOLOTL_BLOCKS = [b for b in ALL_BLOCKS if b.language == "yaml" and "axolotl" in b.options]
+
+
+@pytest.mark.parametrize("block", AXOLOTL_BLOCKS, ids=repr)
+def test_axolotl_yaml_blocks_are_the_example(block):
+    import yaml
+
+    example = yaml.safe_load((ROOT / "examples" / "axolotl.yaml").read_text())
+    config = yaml.safe_load(block.code)
+    assert config and config.items() <= example.items(), f"{block!r} is not a part of examples/axolotl.yaml"
+    assert config.get("plugins", example["plugins"]) == ["kl_nontarget.integrations.axolotl.NonTargetKLPlugin"]
+    pytest.importorskip("pydantic")
+    from kl_nontarget.integrations.axolotl_args import NonTargetKLArgs
+
+    NonTargetKLArgs.model_validate(example)  # the plugin's keys and checks, as axolotl's config load runs them
 
 
 def test_the_checks_catch_a_drifted_command():

@@ -43,7 +43,7 @@ ORDER = {
     "training": ["options", "clean_exit", "component_log", "trainer_args", "config", "adaptive_weight", "batch_rows",
                  "step_loss", "base_cache", "precompute", "loss_func", "trainer"],
     "evaluation": ["loader", "metrics", "retention", "forgetting_callback"],
-    "integrations": ["trl"],
+    "integrations": ["trl", "axolotl_args", "axolotl"],
     "sweep": ["progress", "variants", "report", "plot", "runs", "grid"],
     "lab": ["sequence", "power_law"],
     "demo": ["corpus", "config", "people", "tasks", "generation", "samples", "probes", "base", "runner", "pretrained"],
