@@ -102,15 +102,22 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[n] - b[n]).abs().max()) for n in a)
 
 
-def reference_step(axolotl_dir, cfg, step, tmp_path):
+def reference_step(axolotl_dir, cfg, step, tmp_path, quantization_config=None):
     """`NonTargetKLTrainer.compute_loss` and its gradients on a recorded step: the same batch, `num_items_in_batch`
-    and adapter weights, on a fresh copy of the base model with the adapter axolotl saved (plain PEFT)."""
-    from peft import PeftModel
+    and adapter weights, on a fresh copy of the base model with the adapter axolotl saved (plain PEFT).
+    `quantization_config`: load the base with it (bitsandbytes on CPU) and `prepare_model_for_kbit_training`, plain
+    PEFT's QLoRA."""
+    from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from kl_nontarget import NonTargetKLTrainer
 
-    base = AutoModelForCausalLM.from_pretrained(str(axolotl_dir / "model"), dtype=torch.float32)
+    if quantization_config is None:
+        base = AutoModelForCausalLM.from_pretrained(str(axolotl_dir / "model"), dtype=torch.float32)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(str(axolotl_dir / "model"), dtype=torch.float32,
+                                                    quantization_config=quantization_config, device_map="cpu")
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = PeftModel.from_pretrained(base, cfg.output_dir, is_trainable=True)
     with torch.no_grad():
         named = dict(model.named_parameters())
