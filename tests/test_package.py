@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import kl_nontarget
 
@@ -14,9 +15,13 @@ def test_public_api_is_exported():
 def test_kernels_ship_inside_the_package_only(tmp_path):
     # Run from an empty folder, so the repository's own kernels/ folder is not on the path.
     # "kernels" is another PyPI project's name: this package must never install a top-level module of that name.
-    code = ("import importlib.util as u; "
-            "print(u.find_spec('kl_nontarget.kernels.nontarget_ce') is not None, u.find_spec('kernels') is None)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    # A PyPI `kernels` that something else installed (transformers >= 5.25 requires it) is fine; one from here is not.
+    code = ("import importlib.util as u, pathlib, sys; s = u.find_spec('kernels'); "
+            "print(u.find_spec('kl_nontarget.kernels.nontarget_ce') is not None, "
+            "s is None or not pathlib.Path(s.origin).resolve().is_relative_to(pathlib.Path(sys.argv[1]).resolve()))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
     assert out.stdout.split() == ["True", "True"]
 
 
