@@ -89,10 +89,11 @@ def pretrained_variants_config(model="smollm2", seeds=None, variants=STUDY_VARIA
     """The PEFT-variants study: both tasks, every variant at lr 1e-3 times its `lr_factor` (VeRA and IA3 need ten
     times more) and the step count (8 or 16) chosen on validation for its plain run, then the non-target and the full
     KL at weights 0.3 and 1. Per task and variant 5 runs a seed of at most 16 steps of 4 examples, about 30 to 50 s
-    each on a CPU core (a grid of rates, `lr_grid`, adds a plain run per extra rate). `quick`: one seed, 8 steps at one
-    rate, weight 0.3 only, small splits, no step choice (3 runs of about 15 s per task and variant)."""
+    each on a CPU core (a grid of rates, `lr_grid`, adds a plain run per extra rate). `quick`: the `invented` task
+    only (the one far from the base), one seed, 8 steps at one rate, weight 0.3 only, small splits, no step choice
+    (3 runs of about 15 s per variant)."""
     if quick:
-        cfg = PretrainedDemoConfig(model=model, tasks=STUDY_TASKS, sizes=dict(train=16, val=4, test=8), samples=8,
+        cfg = PretrainedDemoConfig(model=model, tasks=("invented",), sizes=dict(train=16, val=4, test=8), samples=8,
                                    sample_tokens=32, batch_size=4, lr_grid=(1e-3,), max_steps=8, eval_every=8,
                                    kl_weights=(0.3,), peft_variants=tuple(variants), probes=False)
     else:
