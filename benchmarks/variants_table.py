@@ -6,10 +6,10 @@ target loss.
 Reads the `results.json` of `kl-nontarget demo --model smollm2 --variants ...` (or of `kl-nontarget sweep
 --peft_variants ... --baseline full_kl`), averages the seeds, and prints a markdown table: plain LoRA's target loss and
 forgetting (Lf - H), each regularizer's points, and the non-target KL's forgetting interpolated at each full-KL point's
-target loss. The interpolation runs along the non-target KL's frontier (plain run and every kl_weight, joined by
-straight lines in the (target loss, forgetting) plane); a full-KL point outside that frontier's target-loss range is
-compared with the nearest end and marked "(edge)". The ratio is full-KL forgetting over non-target forgetting at the
-same target loss: above 1, the non-target KL forgets less.
+target loss. The interpolation runs along the non-target KL's frontier: the plain run and every kl_weight that no
+other of them beats on both axes, joined by straight lines in the (target loss, forgetting) plane. A full-KL point
+outside that frontier's target-loss range is compared with the nearest end and marked "(edge)". The ratio is full-KL
+forgetting over non-target forgetting at the same target loss: above 1, the non-target KL forgets less.
 """
 
 from __future__ import annotations
@@ -32,9 +32,18 @@ def mean_points(runs: list[dict]) -> dict:
     return points
 
 
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes, by target loss: along them forgetting only falls."""
+    front = []
+    for point in sorted(points):
+        if not front or point[1] < front[-1][1]:
+            front.append(point)
+    return front
+
+
 def interpolate(frontier: list[tuple[float, float]], target: float) -> tuple[float, bool]:
-    """Forgetting on the piecewise-linear frontier at `target` loss; True when `target` is outside its range."""
-    frontier = sorted(frontier)
+    """Forgetting on the piecewise-linear Pareto frontier at `target` loss; True when `target` is outside its range."""
+    frontier = pareto(frontier)
     if target <= frontier[0][0]:
         return frontier[0][1], target < frontier[0][0]
     if target >= frontier[-1][0]:
