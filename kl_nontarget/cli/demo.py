@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     demo.add_argument("--out", default=None, metavar="DIR",
                       help="output folder (default: kl-nontarget-demo, or kl-nontarget-demo-MODEL for a real model)")
     demo.add_argument("--quick", action="store_true",
-                      help="a smaller run (toy: under a minute; smollm2: under 8 minutes on 2 cores; --variants: one task, about 6 minutes on one core)")
+                      help="a smaller run (toy: under a minute; smollm2: under 8 minutes on 2 cores; "
+                           "--variants: one task, about 6 minutes on one core)")
     demo.add_argument("--seeds", type=int, default=None, metavar="N",
                       help="seeds per setting (default: 1; more seeds make the comparison more reliable)")
     demo.add_argument("--cache-dir", default=None, metavar="DIR",
